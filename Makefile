@@ -1,0 +1,65 @@
+# Deep Learning ABC. The two commands a reader needs: `make book` and `make test`.
+# Both create .venv on first use (Python 3.11+, npm for MathJax); nothing else is installed by hand.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+JB     := $(VENV)/bin/jupyter-book
+READY  := $(VENV)/.ready
+MATHJAX := $(VENV)/mathjax/static/mathjax/tex-chtml.js
+# CI and publishing builds execute every chapter; a local build re-runs only what changed.
+ifeq ($(CI),true)
+  FRESH ?= 1
+endif
+
+.PHONY: book test notebooks timings chapter serve clean clean-all help
+
+help:
+	@echo "make book       build the site into _build/html (strict: any warning or failing cell fails it)"
+	@echo "make test       run every test (unit tests, notebooks in a clean kernel, the site in Chromium)"
+	@echo "make notebooks  regenerate the Colab notebooks book/**/*.ipynb from the chapters"
+	@echo "make timings    execute every chapter from nothing and print the seconds each takes"
+	@echo "make chapter CH=transformers/attention_from_scratch   run one chapter top to bottom"
+	@echo "make serve      serve _build/html on http://127.0.0.1:8000"
+	@echo "make clean      remove the built site and the execution cache; clean-all also removes $(VENV)"
+
+# The pinned build environment, and the package itself (editable, so edits to code/ are live).
+$(READY): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+# MathJax 3 for offline math, from the npm registry (not committed, not from a CDN).
+$(MATHJAX):
+	@command -v npm >/dev/null || { echo "npm (Node.js) is needed once, to install MathJax 3 for offline math" >&2; exit 1; }
+	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/mathjax mathjax@3.2.2
+	rm -rf $(VENV)/mathjax/static && mkdir -p $(VENV)/mathjax/static
+	cp -r $(VENV)/mathjax/node_modules/mathjax/es5 $(VENV)/mathjax/static/mathjax
+
+notebooks: $(READY)
+	$(PY) tools/notebooks.py
+
+book: $(READY) $(MATHJAX) notebooks
+ifeq ($(FRESH),1)
+	rm -rf _build
+endif
+	$(JB) build . --warningiserror --keep-going --builder html
+
+test: $(READY)
+	$(PY) -m pytest
+
+timings: $(READY)
+	$(PY) tools/timings.py
+
+chapter: $(READY)
+	@test -n "$(CH)" || { echo "usage: make chapter CH=transformers/attention_from_scratch" >&2; exit 2; }
+	$(PY) tools/timings.py book/$(CH).md
+
+serve:
+	$(PY) -m http.server --directory _build/html --bind 127.0.0.1 8000
+
+clean:
+	rm -rf _build .pytest_cache
+
+clean-all: clean
+	rm -rf $(VENV)

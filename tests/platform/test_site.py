@@ -1,0 +1,158 @@
+"""The built site, as a reader sees it: every chapter page opened in headless Chromium.
+
+Needs the site (`make book`) and Debian's Chromium (`apt-get install chromium`; `.ci/run`
+installs it). Where either is missing the tests are skipped with a loud reason locally, and
+fail under CI (CI=true), so that a green CI always means the pages were really looked at.
+Full-page screenshots land in ``_build/screenshots/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+import chapters
+
+SITE = chapters.ROOT / "_build" / "html"
+SHOTS = chapters.ROOT / "_build" / "screenshots"
+IN_CI = os.environ.get("CI") == "true"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _missing(reason: str):
+    message = f"BROWSER TEST NOT RUN: {reason}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def site_url():
+    if not (SITE / "index.html").is_file():
+        _missing(f"no built site at {SITE}; run `make book` first")
+    handler = functools.partial(_QuietHandler, directory=str(SITE))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest's output readable
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = (
+        os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    )
+    if not chromium:
+        _missing(
+            "Chromium not found; install it with `apt-get install chromium` (or set CHROMIUM=/path)"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+def _page_report(browser, url: str, screenshot: Path) -> dict:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, external = [], []
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on(
+        "console",
+        lambda msg: (
+            errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
+        ),
+    )
+    page.on(
+        "response",
+        lambda r: errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None,
+    )
+    page.on(
+        "request",
+        lambda req: (
+            external.append(req.url)
+            if urlparse(req.url).hostname not in ("127.0.0.1", None)
+            else None
+        ),
+    )
+    response = page.goto(url, wait_until="load")
+    assert response is not None and response.ok, f"{url} answered {response and response.status}"
+    page.wait_for_function(
+        "() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20000
+    )
+    page.evaluate("() => MathJax.startup.promise")
+    report = page.evaluate(
+        """() => {
+        const article = document.querySelector('article') || document.body;
+        const images = [...article.querySelectorAll('img')];
+        return {
+          text: article.innerText,
+          typeset: document.querySelectorAll('mjx-container').length,
+          rawMath: [...document.querySelectorAll('.math')].filter(e => /\\\\[\\(\\[]/.test(e.textContent)).length,
+          images: images.length,
+          brokenImages: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+          colab: [...document.querySelectorAll('a[href*="colab.research.google.com"]')].map(a => a.href),
+        };
+    }"""
+    )
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screenshot), full_page=True)
+    page.close()
+    return {**report, "errors": errors, "external": external}
+
+
+@pytest.mark.parametrize("chapter", chapters.chapters(), ids=chapters.module_path)
+def test_chapter_page_in_browser(browser, site_url, chapter):
+    name = chapters.module_path(chapter)
+    report = _page_report(
+        browser, f"{site_url}/book/{name}.html", SHOTS / f"{name.replace('/', '__')}.png"
+    )
+
+    assert report["typeset"] > 0, "no math was typeset by MathJax"
+    assert report["rawMath"] == 0, f"{report['rawMath']} math elements still show raw TeX"
+    assert "$$" not in report["text"], "raw $$ math in the page text"
+    for myst in ("{glue", "{cite", "{eq}", ":::", "```{"):
+        assert myst not in report["text"], f"raw MyST syntax {myst!r} on the page"
+    assert report["images"] > 0, "the chapter shows no figure"
+    assert not report["brokenImages"], f"figures that did not load: {report['brokenImages']}"
+    assert not report["errors"], "JavaScript errors:\n" + "\n".join(report["errors"])
+    assert not report["external"], f"the page fetched from outside the site: {report['external']}"
+
+    assert report["colab"], "no Colab link on the page"
+    _, _, after = report["colab"][0].partition("/blob/")
+    branch, _, path = after.partition("/")
+    assert branch == chapters.repository()[1]
+    notebook = chapters.ROOT / path
+    assert notebook == chapter.with_suffix(".ipynb"), f"Colab link points at {path}"
+    assert notebook.is_file(), f"Colab link points at a missing notebook {path}"
+    assert json.loads(notebook.read_text())["cells"], "the Colab notebook is empty"
+
+
+def test_home_page_in_browser(browser, site_url):
+    report = _page_report(browser, f"{site_url}/index.html", SHOTS / "index.png")
+    assert "Deep Learning ABC" in report["text"]
+    assert not report["errors"], "JavaScript errors:\n" + "\n".join(report["errors"])
+    assert not report["external"], f"the page fetched from outside the site: {report['external']}"

@@ -1,0 +1,127 @@
+"""What the book's tools know about its chapters: where they are, and which code they import.
+
+Used by the Sphinx extension (``book_ext``), the notebook generator (``notebooks``), the timing
+benchmark (``timings``) and the tests. Chapters are the files listed in ``_toc.yml``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import re
+from pathlib import Path
+
+import jupytext
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "code" / "dlabc"
+
+
+def config() -> dict:
+    """The book's ``_config.yml``."""
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def repository() -> tuple[str, str]:
+    """The repository URL and branch, set in one place: ``_config.yml``'s ``repository`` section."""
+    repo = config()["repository"]
+    return repo["url"].rstrip("/"), repo.get("branch", "main")
+
+
+def pages() -> list[Path]:
+    """Every page listed in ``_toc.yml``, in reading order, as absolute ``.md`` paths."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    found = [toc["root"]]
+
+    def walk(entries: list[dict]) -> None:
+        for entry in entries:
+            if "file" in entry:
+                found.append(entry["file"])
+            walk(entry.get("sections", []))
+
+    for part in toc.get("parts", []):
+        walk(part.get("chapters", []))
+    walk(toc.get("chapters", []))
+    return [ROOT / f"{name}.md" for name in found]
+
+
+def read(path: Path) -> nbformat.NotebookNode:
+    """A MyST Markdown chapter as a notebook (jupytext's ``md:myst`` format)."""
+    return jupytext.read(path, fmt="md:myst")
+
+
+def chapters() -> list[Path]:
+    """The pages that execute code (they have code cells): the ones timed, converted and checked."""
+    return [p for p in pages() if any(c.cell_type == "code" for c in read(p).cells)]
+
+
+def module_path(path: Path) -> str:
+    """``book/transformers/attention.md`` -> ``transformers/attention``.
+
+    The name shared by ``book/``, ``code/dlabc/`` and ``tests/``.
+    """
+    return path.resolve().relative_to(ROOT / "book").with_suffix("").as_posix()
+
+
+_MAGIC = re.compile(r"^\s*[%!]")
+
+
+def _imports(source: str, package: str | None = None) -> set[str]:
+    """Names of the ``dlabc`` modules that ``source`` imports (cell magics and shell lines skipped)."""
+    code = "\n".join("" if _MAGIC.match(line) else line for line in source.splitlines())
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level and package:  # a relative import inside the package
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)  # `from dlabc import book`
+    return {n for n in names if n == "dlabc" or n.startswith("dlabc.")}
+
+
+def _file_of(module: str) -> Path | None:
+    parts = module.split(".")[1:]
+    candidate = PACKAGE.joinpath(*parts)
+    for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+        if path.is_file():
+            return path
+    return None  # an attribute, not a module (`from dlabc.x import some_function`)
+
+
+def dependencies(path: Path) -> list[Path]:
+    """Every file of ``code/dlabc`` that running the chapter at ``path`` imports, directly or not."""
+    todo = set()
+    for cell in read(path).cells:
+        if cell.cell_type == "code":
+            todo |= _imports(cell.source)
+    seen: dict[str, Path] = {}
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        file = _file_of(module)
+        if file is None:
+            continue
+        seen[module] = file
+        parts = module.split(".")
+        todo |= {
+            ".".join(parts[:i]) for i in range(1, len(parts))
+        }  # parent packages run their __init__
+        package = module if file.name == "__init__.py" else ".".join(parts[:-1])
+        todo |= _imports(file.read_text(), package)
+    return sorted(set(seen.values()))
+
+
+def code_hash(path: Path) -> str:
+    """A fingerprint of the code a chapter imports: it changes exactly when one of those files does."""
+    digest = hashlib.sha256()
+    for file in dependencies(path):
+        digest.update(file.relative_to(ROOT).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,70 @@
+"""`make timings`: execute every chapter from nothing, in a fresh kernel, and print how long each took.
+
+A benchmark, not a test: each chapter has a budget of 60 s on the 2-core reference machine.
+The table flags chapters over budget, and the command exits with 1 if any chapter failed or
+went over. ``python tools/timings.py book/transformers/attention.md`` times only that chapter
+(`make chapter CH=transformers/attention`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+import chapters
+
+BUDGET_S = 60.0
+
+
+def execute(path: Path, timeout: int = 600) -> tuple[float, str | None]:
+    """Run the chapter at ``path`` top to bottom in a fresh kernel; return (seconds, error or None)."""
+    nb = chapters.read(path)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    start = time.perf_counter()
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        return time.perf_counter() - start, str(err).strip().splitlines()[-1]
+    return time.perf_counter() - start, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "chapters",
+        nargs="*",
+        type=Path,
+        help="chapter .md files (default: every chapter in _toc.yml)",
+    )
+    args = parser.parse_args(argv)
+    paths = [p.resolve() for p in args.chapters] or chapters.chapters()
+    rows, bad = [], 0
+    width = max(len(chapters.module_path(p)) for p in paths)
+    print(f"{'chapter':<{width}}  {'seconds':>7}  status", flush=True)
+    for path in paths:
+        seconds, error = execute(path)
+        status = "ok" if error is None else f"FAILED: {error}"
+        if error is None and seconds > BUDGET_S:
+            status = f"OVER BUDGET ({BUDGET_S:.0f} s)"
+        bad += status != "ok"
+        rows.append((chapters.module_path(path), seconds, status))
+        print(f"{rows[-1][0]:<{width}}  {seconds:7.1f}  {status}", flush=True)
+    total = sum(r[1] for r in rows)
+    print(
+        f"{'total':<{width}}  {total:7.1f}  {len(rows) - bad} of {len(rows)} ok, budget {BUDGET_S:.0f} s per chapter"
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
