@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -122,6 +123,39 @@ def code_hash(path: Path) -> str:
     """A fingerprint of the code a chapter imports: it changes exactly when one of those files does."""
     digest = hashlib.sha256()
     for file in dependencies(path):
-        digest.update(file.relative_to(ROOT).as_posix().encode())
+        digest.update(os.path.relpath(file, ROOT).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def missing_pieces(paths: list[Path] | None = None) -> list[str]:
+    """What breaks the book/X.md <-> code/dlabc/X.py <-> tests/.../test_X.py mapping, one line each.
+
+    Checks the given chapters (default: every chapter in ``_toc.yml``) and, in reverse, that
+    every module of a part under ``code/dlabc`` has its chapter.
+    """
+    paths = chapters() if paths is None else paths
+    problems = []
+    for path in paths:
+        name = module_path(path)
+        folder, _, stem = name.rpartition("/")
+        if not path.is_file():
+            problems.append(f"book/{name}.md: listed but missing")
+            continue
+        if not (PACKAGE / f"{name}.py").is_file():
+            problems.append(f"book/{name}.md: no module code/dlabc/{name}.py")
+        if not (ROOT / "tests" / folder / f"test_{stem}.py").is_file():
+            problems.append(f"book/{name}.md: no test file tests/{folder}/test_{stem}.py")
+        if f"dlabc.{name.replace('/', '.')}" not in {
+            m for c in read(path).cells if c.cell_type == "code" for m in _imports(c.source)
+        }:
+            problems.append(
+                f"book/{name}.md: does not import its module dlabc.{name.replace('/', '.')}"
+            )
+    if paths == chapters():
+        listed = {module_path(p) for p in paths}
+        for module in sorted(PACKAGE.glob("*/*.py")):
+            name = module.relative_to(PACKAGE).with_suffix("").as_posix()
+            if module.name != "__init__.py" and name not in listed:
+                problems.append(f"code/dlabc/{name}.py: no chapter book/{name}.md in _toc.yml")
+    return problems

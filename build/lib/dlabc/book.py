@@ -1,0 +1,109 @@
+"""What every chapter calls: set-up and device, showing this package's code, gluing numbers.
+
+A chapter starts with ``device = book.setup()``, shows an implementation with
+``book.show_source(fn)`` (the code on the page *is* the code in ``code/dlabc``), and hands
+every number its prose quotes to the text with ``book.glue(name, value)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from IPython.display import Markdown
+
+from dlabc import __version__, plot
+
+#: When True, :func:`glue` prints ``name = value`` instead of storing it for the book's text.
+#: The first cell of every generated notebook (Colab, Jupyter) sets it, because there the
+#: Markdown cannot show glued values.
+SHOW_GLUED = False
+
+
+def device() -> torch.device:
+    """The device a chapter computes on: ``$DLABC_DEVICE`` if set, else CUDA when present, else CPU."""
+    name = os.environ.get("DLABC_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup(seed: int = 0, threads: int = 1) -> torch.device:
+    """Make a chapter reproducible and fast on a small CPU; return the device to compute on.
+
+    Seeds Python, NumPy and PyTorch, limits PyTorch to ``threads`` CPU threads (one thread is
+    the fastest for the book's small models on a 2-core machine), and sets the figure style.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    plot.use_style()
+    dev = device()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {threads} thread(s)"
+    print(f"dlabc {__version__}, torch {torch.__version__}, computing on {dev} ({name})")
+    return dev
+
+
+def source_path(obj: object) -> tuple[str, int, int]:
+    """Where ``obj`` is defined, as the book's readers find it: ``code/dlabc/...``, first and last line."""
+    path = Path(inspect.getsourcefile(obj)).resolve()  # type: ignore[arg-type]
+    package_root = Path(__file__).resolve().parent
+    try:
+        relative = path.relative_to(package_root)
+    except ValueError as err:
+        raise ValueError(f"{obj!r} is not defined in the dlabc package") from err
+    lines, first = inspect.getsourcelines(obj)  # type: ignore[arg-type]
+    return f"code/dlabc/{relative.as_posix()}", first, first + len(lines) - 1
+
+
+def show_source(obj: object) -> Markdown:
+    """Display the source of a function or class of ``dlabc``, with the file and lines it comes from.
+
+    The output is Markdown with a fenced code block, so it is highlighted the same way on the
+    book's pages (myst-nb renders ``text/markdown``) and in Jupyter or Colab.
+    """
+    if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj)):
+        raise TypeError(
+            f"show_source expects a function, method or class, got {type(obj).__name__}"
+        )
+    path, first, last = source_path(obj)
+    code = textwrap.dedent(inspect.getsource(obj)).rstrip()  # type: ignore[arg-type]
+    return Markdown(f"`{path}`, lines {first}–{last}:\n\n```python\n{code}\n```")
+
+
+def glue(name: str, value: object) -> None:
+    """Hand a computed value to the chapter's text, where ``{glue:text}`name``` shows it.
+
+    Inside the book's build this is myst-nb's ``glue`` (nothing is shown under the cell);
+    in a generated notebook, or wherever myst-nb is missing, it prints ``name = value``.
+    Tensors and NumPy scalars are turned into Python numbers first. Returns nothing, so that a
+    cell ending in ``book.glue(...)`` shows no stray value.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"glue name must be an identifier-like string, got {name!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"glue {name!r}: only one-element tensors can be glued, got shape {tuple(value.shape)}"
+            )
+        value = value.item()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:  # Colab, or a plain Jupyter without the book's build tools
+        myst_glue = None
+    if SHOW_GLUED or myst_glue is None:
+        print(f"{name} = {value}")
+    else:
+        myst_glue(name, value, display=False)

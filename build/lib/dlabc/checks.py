@@ -1,0 +1,43 @@
+"""Argument checks shared by every module, so that bad input fails early with a clear message.
+
+Each check raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong shape
+or value, and names the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    floating: bool | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Check that ``x`` is a tensor with an allowed number of dimensions and dtype; return it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            expected = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{name} must have {expected} dimensions, got shape {tuple(x.shape)}")
+    if floating is True and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
+    return x
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Check that ``value`` is an ``int`` (not a bool) greater than zero; return it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value

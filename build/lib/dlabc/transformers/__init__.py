@@ -1,0 +1,1 @@
+"""Part "Transformers": attention from scratch, attention with PyTorch, and what follows."""
