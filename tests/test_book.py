@@ -32,7 +32,12 @@ def test_device_override(monkeypatch):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"threads": 0}, "threads"), ({"threads": True}, "threads")],
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"threads": 0}, "threads"),
+        ({"threads": True}, "threads"),
+    ],
 )
 def test_setup_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -68,7 +73,9 @@ def test_glue_hands_python_numbers_to_myst_nb(monkeypatch):
 
     calls = []
     monkeypatch.setattr(book, "SHOW_GLUED", False)
-    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: calls.append((name, value, display)))
+    monkeypatch.setattr(
+        myst_nb, "glue", lambda name, value, display: calls.append((name, value, display))
+    )
     book.glue("acc", torch.tensor([0.5]))
     assert calls == [("acc", 0.5, False)] and type(calls[0][1]) is float
 

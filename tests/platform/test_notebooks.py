@@ -20,14 +20,26 @@ import chapters
 import notebooks
 
 CHAPTERS = chapters.chapters()
-MYST = ("{glue", "{cite", "{eq}", "{math}", ":::", "```{", "{bibliography}", "{exercise}", ":label:")
+MYST = (
+    "{glue",
+    "{cite",
+    "{eq}",
+    "{math}",
+    ":::",
+    "```{",
+    "{bibliography}",
+    "{exercise}",
+    ":label:",
+)
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
 def test_committed_notebook_is_up_to_date(chapter):
     target = chapter.with_suffix(".ipynb")
     assert target.is_file(), f"{target.name} missing: run `make notebooks`"
-    assert target.read_text() == notebooks.render(chapter), f"{target.name} is stale: run `make notebooks`"
+    assert target.read_text() == notebooks.render(chapter), (
+        f"{target.name} is stale: run `make notebooks`"
+    )
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
@@ -42,7 +54,9 @@ def test_notebook_is_plain_jupyter(chapter):
         assert not cell.get("outputs"), "notebooks are committed without outputs"
         if cell.cell_type == "markdown":
             for myst in MYST:
-                assert myst not in cell.source, f"raw MyST {myst!r} left in a Markdown cell:\n{cell.source}"
+                assert myst not in cell.source, (
+                    f"raw MyST {myst!r} left in a Markdown cell:\n{cell.source}"
+                )
     code = [c.source for c in nb.cells[1:] if c.cell_type == "code"]
     assert code == [c.source for c in chapters.read(chapter).cells if c.cell_type == "code"]
 
@@ -54,12 +68,22 @@ def installed_dlabc(tmp_path_factory):
     wheels, site = root / "wheels", root / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(wheels), str(chapters.ROOT)],
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(wheels),
+            str(chapters.ROOT),
+        ],
         check=True,
         capture_output=True,
     )
     (wheel,) = wheels.glob("dlabc-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True
+    )
     return site
 
 
@@ -73,13 +97,24 @@ def test_notebook_runs_like_colab(chapter, installed_dlabc, tmp_path, monkeypatc
     monkeypatch.setenv("PYTHONPATH", str(installed_dlabc))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.chdir(workdir)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
 
-    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    printed = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
     where = Path(printed.split("dlabc from ")[-1].strip())
-    assert where.is_relative_to(installed_dlabc), f"the notebook imported dlabc from {where}, not the installed wheel"
+    assert where.is_relative_to(installed_dlabc), (
+        f"the notebook imported dlabc from {where}, not the installed wheel"
+    )
     assert not where.is_relative_to(chapters.ROOT)
-    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    images = sum(
+        "image/png" in o.get("data", {})
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
     assert images > 0, "the notebook drew no figure"
     glued = set(re.findall(r"\{glue:text\}`(\w+)", chapter.read_text()))
     for name in glued:

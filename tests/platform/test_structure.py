@@ -40,7 +40,9 @@ def test_pages_without_code_are_only_introductions():
 def test_chapter_anatomy(chapter):
     text = chapter.read_text()
     name = chapters.module_path(chapter)
-    assert text.startswith("---\njupytext:") and "kernelspec:" in text, "front matter that makes it a notebook"
+    assert text.startswith("---\njupytext:") and "kernelspec:" in text, (
+        "front matter that makes it a notebook"
+    )
     assert re.search(r"^# \S", text, flags=re.M), "a title"
     assert "After this chapter you will be able to" in text, "what the reader will be able to do"
     assert re.search(r"^\$\$ *\([\w-]+\)$", text, flags=re.M), "at least one numbered equation"
@@ -57,4 +59,6 @@ def test_every_citation_is_in_the_bibliography():
     for page in chapters.pages():
         for group in re.findall(r"\{cite(?::[pt])?\}`([^`]+)`", page.read_text()):
             for key in group.split(","):
-                assert key.strip() in keys, f"{page.name} cites {key!r}, missing from book/references.bib"
+                assert key.strip() in keys, (
+                    f"{page.name} cites {key!r}, missing from book/references.bib"
+                )

@@ -29,12 +29,16 @@ def convert(text: str, chapter: Path | None = None) -> str:
 
 
 def test_equations_are_numbered_and_referenced():
-    out = convert("$$\na = b\n$$ (eq-a)\n\ntext\n\n$$\nc\n$$ (eq-c)\n\nsee {eq}`eq-c` and {eq}`eq-a`.")
+    out = convert(
+        "$$\na = b\n$$ (eq-a)\n\ntext\n\n$$\nc\n$$ (eq-c)\n\nsee {eq}`eq-c` and {eq}`eq-a`."
+    )
     assert out == "$$\na = b\n\\tag{1}\n$$\n\ntext\n\n$$\nc\n\\tag{2}\n$$\n\nsee (2) and (1)."
 
 
 def test_citations_and_bibliography():
-    out = convert("A {cite:p}`solo2020,duo2021` and {cite:t}`many2019`.\n\n```{bibliography}\n:filter: docname in docnames\n```")
+    out = convert(
+        "A {cite:p}`solo2020,duo2021` and {cite:t}`many2019`.\n\n```{bibliography}\n:filter: docname in docnames\n```"
+    )
     assert "A (Solo, 2020; Duo and Pair, 2021) and Alpha et al. (2019)." in out
     assert "- Ann Solo (2020). *One*." in out and "https://x.org/1" in out
     assert ":filter:" not in out
@@ -53,7 +57,10 @@ def test_glue_exercises_admonitions_and_links():
     assert "**Exercise (Try it).** Do $x$." in out
     assert "<details>\n<summary><b>Solution (Try it)</b></summary>\n\nDone.\n\n</details>" in out
     assert "> **Note.** Careful." in out
-    assert "](https://colab.research.google.com/github/" in out and "attention_with_pytorch.ipynb)" in out
+    assert (
+        "](https://colab.research.google.com/github/" in out
+        and "attention_with_pytorch.ipynb)" in out
+    )
     assert "[web](https://pytorch.org)" in out
 
 
@@ -94,12 +101,18 @@ def test_cache_drops_a_chapter_exactly_when_its_code_changes(tmp_path, monkeypat
     cache_dir = tmp_path / ".jupyter_cache"
     cache = get_cache(cache_dir)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
 
     def cache_it():
         from jupyter_cache.base import CacheBundleIn
 
-        cache.cache_notebook_bundle(CacheBundleIn(nb, str(chapter)), check_validity=False, overwrite=True)
+        cache.cache_notebook_bundle(
+            CacheBundleIn(nb, str(chapter)), check_validity=False, overwrite=True
+        )
 
     noted = []
     app = SimpleNamespace(
@@ -112,7 +125,9 @@ def test_cache_drops_a_chapter_exactly_when_its_code_changes(tmp_path, monkeypat
 
     cache_it()
     book_ext._drop_stale_execution(app, "book/transformers/attention_from_scratch", [""])
-    assert len(cache.list_cache_records()) == 0, "first build with this fingerprint: the old execution goes"
+    assert len(cache.list_cache_records()) == 0, (
+        "first build with this fingerprint: the old execution goes"
+    )
     assert str(chapters.PACKAGE / "transformers" / "attention_from_scratch.py") in noted
 
     cache_it()

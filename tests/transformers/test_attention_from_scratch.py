@@ -228,9 +228,7 @@ def test_sdpa_with_causal_mask_matches_torch(batch):
     mask = causal_mask(6)
     out, weights = scaled_dot_product_attention(q, k, v, mask)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), **F64)
-    torch.testing.assert_close(
-        out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F64
-    )
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F64)
     check_weights(out, weights, v, mask)
     # position i only sees 0..i: the first query copies the first value
     torch.testing.assert_close(out[..., 0, :], v[..., 0, :], **F64)
@@ -242,9 +240,7 @@ def test_sdpa_with_padding_mask_matches_torch():
     lengths = torch.tensor([5, 2, 3])
     mask = padding_mask(lengths, t).unsqueeze(1)  # (B, 1, 1, T): the same for every head
     out, weights = scaled_dot_product_attention(q, k, v, mask)
-    torch.testing.assert_close(
-        out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F64
-    )
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F64)
     check_weights(out, weights, v, mask)
     # padded keys change nothing: attending over the first `length` keys alone gives the same
     for b, length in enumerate(lengths.tolist()):
@@ -256,9 +252,7 @@ def test_sdpa_float32_matches_torch():
     q, k, v = qkv((2,), 5, 6, 8, 4, dtype=torch.float32)
     mask = random_mask(2, 5, 6)
     out, _ = scaled_dot_product_attention(q, k, v, mask)
-    torch.testing.assert_close(
-        out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F32
-    )
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F32)
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
@@ -605,9 +599,15 @@ def test_dot_product_max_weight_grows_with_d_k_when_unscaled():
 
 
 def test_dot_product_statistics_reproducible_and_keys():
-    a = dot_product_statistics(8, n_keys=5, n_samples=300, generator=torch.Generator().manual_seed(3))
-    b = dot_product_statistics(8, n_keys=5, n_samples=300, generator=torch.Generator().manual_seed(3))
-    c = dot_product_statistics(8, n_keys=5, n_samples=300, generator=torch.Generator().manual_seed(4))
+    a = dot_product_statistics(
+        8, n_keys=5, n_samples=300, generator=torch.Generator().manual_seed(3)
+    )
+    b = dot_product_statistics(
+        8, n_keys=5, n_samples=300, generator=torch.Generator().manual_seed(3)
+    )
+    c = dot_product_statistics(
+        8, n_keys=5, n_samples=300, generator=torch.Generator().manual_seed(4)
+    )
     assert a == b
     assert a != c
     assert set(a) == {"score_variance", "max_weight"}

@@ -168,6 +168,8 @@ def expand_mask_for_heads(mask: torch.Tensor | None) -> torch.Tensor | None:
     check_tensor(mask, "mask", dtype=torch.bool)
     if mask.dim() > 3:
         raise ValueError(f"mask must broadcast to (batch, T_q, T_k), got shape {tuple(mask.shape)}")
+    if mask.dim() < 2:  # a mask over the keys alone, (T_k,), already broadcasts over heads
+        return mask
     return mask.unsqueeze(-3)  # (..., 1, T_q, T_k)
 
 
