@@ -12,11 +12,12 @@ ifeq ($(CI),true)
   FRESH ?= 1
 endif
 
-.PHONY: book test notebooks timings chapter serve clean clean-all help
+.PHONY: book test lint notebooks timings chapter serve clean clean-all help
 
 help:
 	@echo "make book       build the site into _build/html (strict: any warning or failing cell fails it)"
 	@echo "make test       run every test (unit tests, notebooks in a clean kernel, the site in Chromium)"
+	@echo "make lint       ruff: formatting and lint of code/, tests/, tools/"
 	@echo "make notebooks  regenerate the Colab notebooks book/**/*.ipynb from the chapters"
 	@echo "make timings    execute every chapter from nothing and print the seconds each takes"
 	@echo "make chapter CH=transformers/attention_from_scratch   run one chapter top to bottom"
@@ -47,6 +48,10 @@ endif
 
 test: $(READY)
 	$(PY) -m pytest
+
+lint: $(READY)
+	$(VENV)/bin/ruff format --check code tests tools
+	$(VENV)/bin/ruff check code tests tools
 
 timings: $(READY)
 	$(PY) tools/timings.py

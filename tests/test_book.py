@@ -74,7 +74,9 @@ def test_glue_hands_python_numbers_to_myst_nb(monkeypatch):
     calls = []
     monkeypatch.setattr(book, "SHOW_GLUED", False)
     monkeypatch.setattr(
-        myst_nb, "glue", lambda name, value, display: calls.append((name, value, display))
+        myst_nb,
+        "glue",
+        lambda name, value, display: calls.append((name, value, display)),
     )
     book.glue("acc", torch.tensor([0.5]))
     assert calls == [("acc", 0.5, False)] and type(calls[0][1]) is float

@@ -15,9 +15,19 @@ def test_check_tensor_accepts_and_returns():
     "value, kwargs, error, match",
     [
         ([1.0], {}, TypeError, "x must be a torch.Tensor, got list"),
-        (torch.zeros(2), {"ndim": 2}, ValueError, r"x must have 2 dimensions, got shape \(2,\)"),
+        (
+            torch.zeros(2),
+            {"ndim": 2},
+            ValueError,
+            r"x must have 2 dimensions, got shape \(2,\)",
+        ),
         (torch.zeros(2), {"ndim": (3, 4)}, ValueError, "3 or 4 dimensions"),
-        (torch.zeros(2, dtype=torch.long), {"floating": True}, TypeError, "floating-point"),
+        (
+            torch.zeros(2, dtype=torch.long),
+            {"floating": True},
+            TypeError,
+            "floating-point",
+        ),
         (torch.zeros(2), {"dtype": torch.bool}, TypeError, "dtype torch.bool"),
     ],
 )

@@ -21,7 +21,9 @@ def test_use_style_sets_the_book_style():
 def test_heatmap_draws_the_matrix_with_labels():
     m = torch.rand(2, 3)
     fig, ax = plt.subplots()
-    image = plot.heatmap(ax, m, x_labels=["a", "b", "c"], y_labels=["p", "q"], title="t")
+    image = plot.heatmap(
+        ax, m, x_labels=["a", "b", "c"], y_labels=["p", "q"], title="t"
+    )
     np.testing.assert_array_equal(image.get_array(), m.numpy())
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
     assert ax.get_title() == "t"

@@ -30,7 +30,9 @@ import chapters
 logger = logging.getLogger(__name__)
 
 MATHJAX_STATIC = Path(
-    os.environ.get("DLABC_MATHJAX_STATIC", chapters.ROOT / ".venv" / "mathjax" / "static")
+    os.environ.get(
+        "DLABC_MATHJAX_STATIC", chapters.ROOT / ".venv" / "mathjax" / "static"
+    )
 )
 
 
@@ -71,7 +73,10 @@ class _Js:  # the registry stores (filename, attributes) pairs, the builder _Jav
 
 def _state_file(app: Sphinx) -> Path:
     return (
-        Path(app.config.nb_execution_cache_path or Path(app.outdir).parent / ".jupyter_cache")
+        Path(
+            app.config.nb_execution_cache_path
+            or Path(app.outdir).parent / ".jupyter_cache"
+        )
         / "dlabc-code.json"
     )
 
@@ -94,7 +99,9 @@ def _drop_stale_execution(app: Sphinx, docname: str, source: list[str]) -> None:
         for record in cache.list_cache_records():
             if Path(record.uri).resolve() == path:
                 cache.remove_cache(record.pk)
-                logger.info(f"[dlabc] {docname}: the code it imports changed, it runs again")
+                logger.info(
+                    f"[dlabc] {docname}: the code it imports changed, it runs again"
+                )
     state[docname] = fingerprint
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(state, indent=1, sort_keys=True))

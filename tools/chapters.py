@@ -82,7 +82,9 @@ def _imports(source: str, package: str | None = None) -> set[str]:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
             names.add(base)
-            names.update(f"{base}.{a.name}" for a in node.names)  # `from dlabc import book`
+            names.update(
+                f"{base}.{a.name}" for a in node.names
+            )  # `from dlabc import book`
     return {n for n in names if n == "dlabc" or n.startswith("dlabc.")}
 
 
@@ -145,9 +147,14 @@ def missing_pieces(paths: list[Path] | None = None) -> list[str]:
         if not (PACKAGE / f"{name}.py").is_file():
             problems.append(f"book/{name}.md: no module code/dlabc/{name}.py")
         if not (ROOT / "tests" / folder / f"test_{stem}.py").is_file():
-            problems.append(f"book/{name}.md: no test file tests/{folder}/test_{stem}.py")
+            problems.append(
+                f"book/{name}.md: no test file tests/{folder}/test_{stem}.py"
+            )
         if f"dlabc.{name.replace('/', '.')}" not in {
-            m for c in read(path).cells if c.cell_type == "code" for m in _imports(c.source)
+            m
+            for c in read(path).cells
+            if c.cell_type == "code"
+            for m in _imports(c.source)
         }:
             problems.append(
                 f"book/{name}.md: does not import its module dlabc.{name.replace('/', '.')}"
@@ -157,5 +164,7 @@ def missing_pieces(paths: list[Path] | None = None) -> list[str]:
         for module in sorted(PACKAGE.glob("*/*.py")):
             name = module.relative_to(PACKAGE).with_suffix("").as_posix()
             if module.name != "__init__.py" and name not in listed:
-                problems.append(f"code/dlabc/{name}.py: no chapter book/{name}.md in _toc.yml")
+                problems.append(
+                    f"code/dlabc/{name}.py: no chapter book/{name}.md in _toc.yml"
+                )
     return problems

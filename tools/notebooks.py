@@ -62,7 +62,9 @@ def colab_url(md_path: Path) -> str:
     """The Colab address of the generated notebook of the chapter at ``md_path``."""
     url, branch = chapters.repository()
     owner_repo = url.removeprefix("https://github.com/")
-    relative = md_path.resolve().relative_to(chapters.ROOT).with_suffix(".ipynb").as_posix()
+    relative = (
+        md_path.resolve().relative_to(chapters.ROOT).with_suffix(".ipynb").as_posix()
+    )
     return f"{COLAB}/{owner_repo}/blob/{branch}/{relative}"
 
 
@@ -89,13 +91,17 @@ class Converter:
     def _eq_ref(self, match: re.Match) -> str:
         label = match.group(1)
         if label not in self.equations:
-            raise ValueError(f"{self.path}: {{eq}} reference to unknown equation {label!r}")
+            raise ValueError(
+                f"{self.path}: {{eq}} reference to unknown equation {label!r}"
+            )
         return f"({self.equations[label]})"
 
     # -- citations ---------------------------------------------------------------------------
     def _authors(self, key: str) -> tuple[str, str]:
         if key not in self.bib:
-            raise ValueError(f"{self.path}: citation {key!r} is not in book/references.bib")
+            raise ValueError(
+                f"{self.path}: citation {key!r} is not in book/references.bib"
+            )
         entry = self.bib[key]
         names = [" ".join(p.last_names) for p in entry.persons.get("author", [])]
         names = [re.sub(r"[{}]", "", n) for n in names]
@@ -109,7 +115,10 @@ class Converter:
         return who, entry.fields.get("year", "n.d.")
 
     def _cite(self, match: re.Match) -> str:
-        kind, keys = match.group(1) or "p", [k.strip() for k in match.group(2).split(",")]
+        kind, keys = (
+            match.group(1) or "p",
+            [k.strip() for k in match.group(2).split(",")],
+        )
         for key in keys:
             if key not in self.cited:
                 self.cited.append(key)
@@ -123,7 +132,9 @@ class Converter:
         for key in self.cited:
             entry = self.bib[key]
             authors = ", ".join(
-                re.sub(r"[{}]", "", " ".join(p.first_names + p.middle_names + p.last_names))
+                re.sub(
+                    r"[{}]", "", " ".join(p.first_names + p.middle_names + p.last_names)
+                )
                 for p in entry.persons.get("author", [])
             )
             f = {k: re.sub(r"[{}]", "", v) for k, v in entry.fields.items()}
@@ -143,19 +154,25 @@ class Converter:
             # Sphinx numbers exercises across the whole book, a notebook only has its own
             # chapter: so exercises carry a title instead of a number, on both.
             if not argument or "nonumber" not in options or "label" not in options:
-                raise ValueError(f"{self.path}: an exercise needs a title, :label: and :nonumber:")
+                raise ValueError(
+                    f"{self.path}: an exercise needs a title, :label: and :nonumber:"
+                )
             self.exercises[options["label"]] = argument
             return f"**Exercise ({argument}).** {body}"
         if name == "solution":
             if argument not in self.exercises:
-                raise ValueError(f"{self.path}: solution for unknown exercise {argument!r}")
+                raise ValueError(
+                    f"{self.path}: solution for unknown exercise {argument!r}"
+                )
             return (
                 f"<details>\n<summary><b>Solution ({self.exercises[argument]})</b></summary>\n\n"
                 f"{body}\n\n</details>"
             )
         if name in ADMONITIONS:
             title = argument or name.capitalize()
-            return "\n".join(f"> {line}".rstrip() for line in f"**{title}.** {body}".splitlines())
+            return "\n".join(
+                f"> {line}".rstrip() for line in f"**{title}.** {body}".splitlines()
+            )
         if name == "bibliography":
             return self._bibliography()
         raise ValueError(
@@ -170,7 +187,10 @@ class Converter:
 
     def markdown(self, text: str) -> str:
         text = re.sub(
-            r"^\$\$\n(.*?)\n\$\$ *\(([\w-]+)\)[ \t]*$", self._equation, text, flags=re.M | re.S
+            r"^\$\$\n(.*?)\n\$\$ *\(([\w-]+)\)[ \t]*$",
+            self._equation,
+            text,
+            flags=re.M | re.S,
         )
         text = re.sub(r"\{eq\}`([\w-]+)`", self._eq_ref, text)
         text = re.sub(r"\{cite(?::(p|t))?\}`([^`]+)`", self._cite, text)
@@ -184,7 +204,9 @@ class Converter:
             flags=re.M | re.S,
         )
         text = re.sub(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)", self._link, text)
-        leftover = re.search(r"\{[\w:-]+\}`|^(:{3,}|`{3,})\{|^\(\w[\w-]*\)=$", text, flags=re.M)
+        leftover = re.search(
+            r"\{[\w:-]+\}`|^(:{3,}|`{3,})\{|^\(\w[\w-]*\)=$", text, flags=re.M
+        )
         if leftover:
             raise ValueError(
                 f"{self.path}: MyST syntax the notebook converter does not handle: {leftover.group(0)!r}"
@@ -197,7 +219,9 @@ def convert(path: Path) -> nbformat.NotebookNode:
     source = chapters.read(path)
     bib = parse_file(str(chapters.ROOT / "book" / "references.bib")).entries
     converter = Converter(path, bib)
-    converter.number_equations([c.source for c in source.cells if c.cell_type == "markdown"])
+    converter.number_equations(
+        [c.source for c in source.cells if c.cell_type == "markdown"]
+    )
     cells = [nbformat.v4.new_code_cell(setup_cell_source())]
     for cell in source.cells:
         if cell.cell_type == "markdown":
@@ -211,7 +235,11 @@ def convert(path: Path) -> nbformat.NotebookNode:
         cell.id = f"cell-{i:03d}"  # stable ids: regenerating an unchanged chapter changes nothing
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata = {
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "kernelspec": {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        },
         "language_info": {"name": "python"},
         "accelerator": "GPU",
         "colab": {"provenance": [], "toc_visible": True},
@@ -226,7 +254,9 @@ def render(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--check", action="store_true", help="write nothing; exit 1 if a notebook is out of date"
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if a notebook is out of date",
     )
     args = parser.parse_args(argv)
     stale = []

@@ -49,8 +49,14 @@ def setup(seed: int = 0, threads: int = 1) -> torch.device:
     torch.set_num_threads(threads)
     plot.use_style()
     dev = device()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {threads} thread(s)"
-    print(f"dlabc {__version__}, torch {torch.__version__}, computing on {dev} ({name})")
+    name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU, {threads} thread(s)"
+    )
+    print(
+        f"dlabc {__version__}, torch {torch.__version__}, computing on {dev} ({name})"
+    )
     return dev
 
 

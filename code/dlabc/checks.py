@@ -26,7 +26,9 @@ def check_tensor(
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:
             expected = " or ".join(str(n) for n in allowed)
-            raise ValueError(f"{name} must have {expected} dimensions, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must have {expected} dimensions, got shape {tuple(x.shape)}"
+            )
     if floating is True and not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if dtype is not None and x.dtype != dtype:

@@ -38,7 +38,11 @@ def heatmap(
 ) -> mpl.image.AxesImage:
     """Draw a 2-D matrix (e.g. attention weights, rows = queries, columns = keys) on ``ax``."""
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
-        shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
+        shape = (
+            tuple(matrix.shape)
+            if isinstance(matrix, torch.Tensor)
+            else type(matrix).__name__
+        )
         raise ValueError(f"heatmap expects a 2-D tensor, got {shape}")
     rows, cols = matrix.shape
     for labels, n, axis in ((x_labels, cols, "x_labels"), (y_labels, rows, "y_labels")):
@@ -46,7 +50,9 @@ def heatmap(
             raise ValueError(
                 f"{axis} has {len(labels)} entries for {n} {'columns' if axis[0] == 'x' else 'rows'}"
             )
-    image = ax.imshow(matrix.detach().float().cpu().numpy(), vmin=vmin, vmax=vmax, cmap=cmap)
+    image = ax.imshow(
+        matrix.detach().float().cpu().numpy(), vmin=vmin, vmax=vmax, cmap=cmap
+    )
     ax.grid(False)
     if x_labels is not None:
         ax.set_xticks(range(cols), x_labels, rotation=90)

@@ -8,6 +8,7 @@ of the repository.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,14 +59,25 @@ def test_notebook_is_plain_jupyter(chapter):
                     f"raw MyST {myst!r} left in a Markdown cell:\n{cell.source}"
                 )
     code = [c.source for c in nb.cells[1:] if c.cell_type == "code"]
-    assert code == [c.source for c in chapters.read(chapter).cells if c.cell_type == "code"]
+    assert code == [
+        c.source for c in chapters.read(chapter).cells if c.cell_type == "code"
+    ]
 
 
 @pytest.fixture(scope="module")
 def installed_dlabc(tmp_path_factory):
     """dlabc built as a wheel and installed, non-editable, into a folder outside the repository."""
     root = tmp_path_factory.mktemp("colab")
-    wheels, site = root / "wheels", root / "site"
+    wheels, site, source = root / "wheels", root / "site", root / "source"
+    # build from a copy, so that setuptools' build/ folder never lands in the repository
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(chapters.ROOT / name, source / name)
+    shutil.copytree(
+        chapters.ROOT / "code",
+        source / "code",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     subprocess.run(
         [
@@ -75,14 +87,15 @@ def installed_dlabc(tmp_path_factory):
             "--no-build-isolation",
             "--wheel-dir",
             str(wheels),
-            str(chapters.ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
     )
     (wheel,) = wheels.glob("dlabc-*.whl")
     subprocess.run(
-        [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+        check=True,
     )
     return site
 
@@ -91,14 +104,19 @@ def installed_dlabc(tmp_path_factory):
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
 def test_notebook_runs_like_colab(chapter, installed_dlabc, tmp_path, monkeypatch):
     nb = notebooks.convert(chapter)
-    nb.cells.append(nbformat.v4.new_code_cell("import dlabc\nprint('dlabc from', dlabc.__file__)"))
+    nb.cells.append(
+        nbformat.v4.new_code_cell("import dlabc\nprint('dlabc from', dlabc.__file__)")
+    )
     workdir = tmp_path / "run"
     workdir.mkdir()
     monkeypatch.setenv("PYTHONPATH", str(installed_dlabc))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.chdir(workdir)
     NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(workdir)}},
     ).execute()
 
     printed = "".join(
@@ -118,5 +136,9 @@ def test_notebook_runs_like_colab(chapter, installed_dlabc, tmp_path, monkeypatc
     assert images > 0, "the notebook drew no figure"
     glued = set(re.findall(r"\{glue:text\}`(\w+)", chapter.read_text()))
     for name in glued:
-        assert f"{name} = " in printed, f"the notebook does not print the glued value {name}"
-    assert os.listdir(workdir) == [], "the chapter wrote files into its working directory"
+        assert f"{name} = " in printed, (
+            f"the notebook does not print the glued value {name}"
+        )
+    assert os.listdir(workdir) == [], (
+        "the chapter wrote files into its working directory"
+    )

@@ -62,7 +62,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def browser():
     names = ("chromium", "chromium-browser", "google-chrome")
-    chromium = os.environ.get("CHROMIUM") or next(filter(None, map(shutil.which, names)), None)
+    chromium = os.environ.get("CHROMIUM") or next(
+        filter(None, map(shutil.which, names)), None
+    )
     if not chromium:
         _missing(
             "Chromium not found; install it with `apt-get install chromium` (or set CHROMIUM=/path)"
@@ -82,12 +84,16 @@ def _page_report(browser, url: str, screenshot: Path) -> dict:
     page.on(
         "console",
         lambda msg: (
-            errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
+            errors.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error"
+            else None
         ),
     )
     page.on(
         "response",
-        lambda r: errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None,
+        lambda r: (
+            errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None
+        ),
     )
     page.on(
         "request",
@@ -98,9 +104,12 @@ def _page_report(browser, url: str, screenshot: Path) -> dict:
         ),
     )
     response = page.goto(url, wait_until="load")
-    assert response is not None and response.ok, f"{url} answered {response and response.status}"
+    assert response is not None and response.ok, (
+        f"{url} answered {response and response.status}"
+    )
     page.wait_for_function(
-        "() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20000
+        "() => window.MathJax && MathJax.startup && MathJax.startup.promise",
+        timeout=20000,
     )
     page.evaluate("() => MathJax.startup.promise")
     report = page.evaluate(
@@ -127,18 +136,26 @@ def _page_report(browser, url: str, screenshot: Path) -> dict:
 def test_chapter_page_in_browser(browser, site_url, chapter):
     name = chapters.module_path(chapter)
     report = _page_report(
-        browser, f"{site_url}/book/{name}.html", SHOTS / f"{name.replace('/', '__')}.png"
+        browser,
+        f"{site_url}/book/{name}.html",
+        SHOTS / f"{name.replace('/', '__')}.png",
     )
 
     assert report["typeset"] > 0, "no math was typeset by MathJax"
-    assert report["rawMath"] == 0, f"{report['rawMath']} math elements still show raw TeX"
+    assert report["rawMath"] == 0, (
+        f"{report['rawMath']} math elements still show raw TeX"
+    )
     assert "$$" not in report["text"], "raw $$ math in the page text"
     for myst in ("{glue", "{cite", "{eq}", ":::", "```{"):
         assert myst not in report["text"], f"raw MyST syntax {myst!r} on the page"
     assert report["images"] > 0, "the chapter shows no figure"
-    assert not report["brokenImages"], f"figures that did not load: {report['brokenImages']}"
+    assert not report["brokenImages"], (
+        f"figures that did not load: {report['brokenImages']}"
+    )
     assert not report["errors"], "JavaScript errors:\n" + "\n".join(report["errors"])
-    assert not report["external"], f"the page fetched from outside the site: {report['external']}"
+    assert not report["external"], (
+        f"the page fetched from outside the site: {report['external']}"
+    )
 
     assert report["colab"], "no Colab link on the page"
     _, _, after = report["colab"][0].partition("/blob/")
@@ -154,4 +171,6 @@ def test_home_page_in_browser(browser, site_url):
     report = _page_report(browser, f"{site_url}/index.html", SHOTS / "index.png")
     assert "Deep Learning ABC" in report["text"]
     assert not report["errors"], "JavaScript errors:\n" + "\n".join(report["errors"])
-    assert not report["external"], f"the page fetched from outside the site: {report['external']}"
+    assert not report["external"], (
+        f"the page fetched from outside the site: {report['external']}"
+    )

@@ -11,7 +11,9 @@ CHAPTERS = chapters.chapters()
 
 
 def test_every_page_in_the_toc_exists():
-    missing = [str(p.relative_to(chapters.ROOT)) for p in chapters.pages() if not p.is_file()]
+    missing = [
+        str(p.relative_to(chapters.ROOT)) for p in chapters.pages() if not p.is_file()
+    ]
     assert not missing, f"_toc.yml lists missing pages: {missing}"
 
 
@@ -26,14 +28,18 @@ def test_every_chapter_has_its_module_and_tests():
 
 def test_the_structure_check_catches_a_missing_chapter_module_and_test(tmp_path):
     ghost = chapters.ROOT / "book" / "transformers" / "ghost.md"
-    assert chapters.missing_pieces([ghost]) == ["book/transformers/ghost.md: listed but missing"]
+    assert chapters.missing_pieces([ghost]) == [
+        "book/transformers/ghost.md: listed but missing"
+    ]
     real = CHAPTERS[0]
     assert chapters.missing_pieces([real]) == []
 
 
 def test_pages_without_code_are_only_introductions():
     for page in set(chapters.pages()) - set(CHAPTERS):
-        assert page.stem in ("intro", "index"), f"{page} has no code cell: every chapter runs code"
+        assert page.stem in ("intro", "index"), (
+            f"{page} has no code cell: every chapter runs code"
+        )
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
@@ -44,13 +50,23 @@ def test_chapter_anatomy(chapter):
         "front matter that makes it a notebook"
     )
     assert re.search(r"^# \S", text, flags=re.M), "a title"
-    assert "After this chapter you will be able to" in text, "what the reader will be able to do"
-    assert re.search(r"^\$\$ *\([\w-]+\)$", text, flags=re.M), "at least one numbered equation"
+    assert "After this chapter you will be able to" in text, (
+        "what the reader will be able to do"
+    )
+    assert re.search(r"^\$\$ *\([\w-]+\)$", text, flags=re.M), (
+        "at least one numbered equation"
+    )
     assert "book.setup()" in text, "the set-up (device, one thread, seed)"
-    assert "book.show_source(" in text, f"the implementation shown from code/dlabc/{name}.py"
-    assert "book.glue(" in text and "{glue:text}" in text, "numbers glued into the prose"
+    assert "book.show_source(" in text, (
+        f"the implementation shown from code/dlabc/{name}.py"
+    )
+    assert "book.glue(" in text and "{glue:text}" in text, (
+        "numbers glued into the prose"
+    )
     assert "plt.show()" in text, "at least one live figure"
-    assert ":::{exercise}" in text and ":::{solution}" in text, "exercises with solutions"
+    assert ":::{exercise}" in text and ":::{solution}" in text, (
+        "exercises with solutions"
+    )
     assert "```{bibliography}" in text and "{cite" in text, "references"
 
 

@@ -22,7 +22,9 @@ BIB = parse_string(
 
 
 def convert(text: str, chapter: Path | None = None) -> str:
-    chapter = chapter or chapters.ROOT / "book" / "transformers" / "attention_from_scratch.md"
+    chapter = (
+        chapter or chapters.ROOT / "book" / "transformers" / "attention_from_scratch.md"
+    )
     c = notebooks.Converter(chapter, BIB)
     c.number_equations([text])
     return c.markdown(text)
@@ -32,7 +34,10 @@ def test_equations_are_numbered_and_referenced():
     out = convert(
         "$$\na = b\n$$ (eq-a)\n\ntext\n\n$$\nc\n$$ (eq-c)\n\nsee {eq}`eq-c` and {eq}`eq-a`."
     )
-    assert out == "$$\na = b\n\\tag{1}\n$$\n\ntext\n\n$$\nc\n\\tag{2}\n$$\n\nsee (2) and (1)."
+    assert (
+        out
+        == "$$\na = b\n\\tag{1}\n$$\n\ntext\n\n$$\nc\n\\tag{2}\n$$\n\nsee (2) and (1)."
+    )
 
 
 def test_citations_and_bibliography():
@@ -55,7 +60,10 @@ def test_glue_exercises_admonitions_and_links():
     out = convert(text)
     assert "value `acc`%" in out
     assert "**Exercise (Try it).** Do $x$." in out
-    assert "<details>\n<summary><b>Solution (Try it)</b></summary>\n\nDone.\n\n</details>" in out
+    assert (
+        "<details>\n<summary><b>Solution (Try it)</b></summary>\n\nDone.\n\n</details>"
+        in out
+    )
     assert "> **Note.** Careful." in out
     assert (
         "](https://colab.research.google.com/github/" in out
@@ -82,16 +90,22 @@ def test_unknown_myst_is_an_error_not_raw_text(text, match):
 
 def test_dependencies_follow_imports_through_the_package():
     chapter = chapters.ROOT / "book" / "transformers" / "attention_with_pytorch.md"
-    names = {p.relative_to(chapters.PACKAGE).as_posix() for p in chapters.dependencies(chapter)}
-    assert {
-        "__init__.py",
-        "book.py",
-        "plot.py",
-        "checks.py",
-        "transformers/__init__.py",
-        "transformers/attention_with_pytorch.py",
-        "transformers/attention_from_scratch.py",  # imported by the module, and by the chapter
-    } <= names
+    names = {
+        p.relative_to(chapters.PACKAGE).as_posix()
+        for p in chapters.dependencies(chapter)
+    }
+    assert (
+        {
+            "__init__.py",
+            "book.py",
+            "plot.py",
+            "checks.py",
+            "transformers/__init__.py",
+            "transformers/attention_with_pytorch.py",
+            "transformers/attention_from_scratch.py",  # imported by the module, and by the chapter
+        }
+        <= names
+    )
 
 
 def test_cache_drops_a_chapter_exactly_when_its_code_changes(tmp_path, monkeypatch):
@@ -118,25 +132,35 @@ def test_cache_drops_a_chapter_exactly_when_its_code_changes(tmp_path, monkeypat
     app = SimpleNamespace(
         config=SimpleNamespace(nb_execution_cache_path=str(cache_dir)),
         outdir=str(tmp_path / "html"),
-        env=SimpleNamespace(doc2path=lambda docname: str(chapter), note_dependency=noted.append),
+        env=SimpleNamespace(
+            doc2path=lambda docname: str(chapter), note_dependency=noted.append
+        ),
     )
     fingerprint = ["v1"]
     monkeypatch.setattr(chapters, "code_hash", lambda path: fingerprint[0])
 
     cache_it()
-    book_ext._drop_stale_execution(app, "book/transformers/attention_from_scratch", [""])
+    book_ext._drop_stale_execution(
+        app, "book/transformers/attention_from_scratch", [""]
+    )
     assert len(cache.list_cache_records()) == 0, (
         "first build with this fingerprint: the old execution goes"
     )
     assert str(chapters.PACKAGE / "transformers" / "attention_from_scratch.py") in noted
 
     cache_it()
-    book_ext._drop_stale_execution(app, "book/transformers/attention_from_scratch", [""])
+    book_ext._drop_stale_execution(
+        app, "book/transformers/attention_from_scratch", [""]
+    )
     assert len(cache.list_cache_records()) == 1, "same code: the cached execution stays"
 
     fingerprint[0] = "v2"
-    book_ext._drop_stale_execution(app, "book/transformers/attention_from_scratch", [""])
-    assert len(cache.list_cache_records()) == 0, "the code changed: the chapter must run again"
+    book_ext._drop_stale_execution(
+        app, "book/transformers/attention_from_scratch", [""]
+    )
+    assert len(cache.list_cache_records()) == 0, (
+        "the code changed: the chapter must run again"
+    )
 
 
 def test_code_hash_changes_with_the_code(tmp_path, monkeypatch):

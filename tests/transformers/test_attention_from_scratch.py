@@ -60,7 +60,9 @@ def test_softmax_matches_torch(shape, dim, dtype):
     tol = F64 if dtype == torch.float64 else F32
     torch.testing.assert_close(softmax(x, dim=dim), torch.softmax(x, dim=dim), **tol)
     # on small inputs the textbook formula is right too
-    torch.testing.assert_close(softmax_naive(x, dim=dim), torch.softmax(x, dim=dim), **tol)
+    torch.testing.assert_close(
+        softmax_naive(x, dim=dim), torch.softmax(x, dim=dim), **tol
+    )
 
 
 @pytest.mark.parametrize("scale", [1e3, 1e4])
@@ -227,8 +229,12 @@ def test_sdpa_with_causal_mask_matches_torch(batch):
     q, k, v = qkv(batch, 6, 6, 4, 5)
     mask = causal_mask(6)
     out, weights = scaled_dot_product_attention(q, k, v, mask)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), **F64)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F64)
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v, is_causal=True), **F64
+    )
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F64
+    )
     check_weights(out, weights, v, mask)
     # position i only sees 0..i: the first query copies the first value
     torch.testing.assert_close(out[..., 0, :], v[..., 0, :], **F64)
@@ -238,13 +244,19 @@ def test_sdpa_with_padding_mask_matches_torch():
     batch, heads, t = 3, 2, 5
     q, k, v = qkv((batch, heads), t, t, 4, 4)
     lengths = torch.tensor([5, 2, 3])
-    mask = padding_mask(lengths, t).unsqueeze(1)  # (B, 1, 1, T): the same for every head
+    mask = padding_mask(lengths, t).unsqueeze(
+        1
+    )  # (B, 1, 1, T): the same for every head
     out, weights = scaled_dot_product_attention(q, k, v, mask)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F64)
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F64
+    )
     check_weights(out, weights, v, mask)
     # padded keys change nothing: attending over the first `length` keys alone gives the same
     for b, length in enumerate(lengths.tolist()):
-        expected = F.scaled_dot_product_attention(q[b], k[b, :, :length], v[b, :, :length])
+        expected = F.scaled_dot_product_attention(
+            q[b], k[b, :, :length], v[b, :, :length]
+        )
         torch.testing.assert_close(out[b], expected, **F64)
 
 
@@ -252,7 +264,9 @@ def test_sdpa_float32_matches_torch():
     q, k, v = qkv((2,), 5, 6, 8, 4, dtype=torch.float32)
     mask = random_mask(2, 5, 6)
     out, _ = scaled_dot_product_attention(q, k, v, mask)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F32)
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **F32
+    )
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
@@ -264,7 +278,8 @@ def test_sdpa_gradients_match_torch(use_mask):
         (scaled_dot_product_attention(q, k, v, mask)[0] * upstream).sum(), (q, k, v)
     )
     theirs = torch.autograd.grad(
-        (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * upstream).sum(), (q, k, v)
+        (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * upstream).sum(),
+        (q, k, v),
     )
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, **F64)
@@ -379,7 +394,9 @@ def mha_weights(d_model, dtype=torch.float64):
     return [scale * torch.randn(d_model, d_model, dtype=dtype) for _ in range(4)]
 
 
-def torch_mha(x_q, x_kv, W_q, W_k, W_v, W_o, n_heads, attn_mask=None, key_padding_mask=None):
+def torch_mha(
+    x_q, x_kv, W_q, W_k, W_v, W_o, n_heads, attn_mask=None, key_padding_mask=None
+):
     """PyTorch's functional multi-head attention, with our mask convention (True = may attend)."""
     d_model = x_q.shape[-1]
     out, weights = F.multi_head_attention_forward(
@@ -397,7 +414,9 @@ def torch_mha(x_q, x_kv, W_q, W_k, W_v, W_o, n_heads, attn_mask=None, key_paddin
         out_proj_weight=W_o.T,
         out_proj_bias=None,
         training=False,
-        key_padding_mask=None if key_padding_mask is None else ~key_padding_mask,  # True = ignore
+        key_padding_mask=None
+        if key_padding_mask is None
+        else ~key_padding_mask,  # True = ignore
         need_weights=True,
         attn_mask=None if attn_mask is None else ~attn_mask,  # True = not allowed
         average_attn_weights=False,
@@ -589,7 +608,9 @@ def test_dot_product_variance_matches_closed_form(d_k):
 def test_dot_product_max_weight_grows_with_d_k_when_unscaled():
     g = torch.Generator().manual_seed(2)
     max_weights = [
-        dot_product_statistics(d_k, n_samples=2000, scaled=False, generator=g)["max_weight"]
+        dot_product_statistics(d_k, n_samples=2000, scaled=False, generator=g)[
+            "max_weight"
+        ]
         for d_k in (1, 16, 256)
     ]
     assert max_weights[0] < max_weights[1] < max_weights[2]
@@ -610,10 +631,36 @@ def test_dot_product_statistics_reproducible_and_keys():
     )
     assert a == b
     assert a != c
-    assert set(a) == {"score_variance", "max_weight"}
+    assert set(a) == {"score_variance", "max_weight", "gradient_norm"}
     assert 1 / 5 <= a["max_weight"] <= 1
     # one key: it always takes all the weight
-    assert dot_product_statistics(8, n_keys=1, n_samples=50)["max_weight"] == pytest.approx(1.0)
+    assert dot_product_statistics(8, n_keys=1, n_samples=50)[
+        "max_weight"
+    ] == pytest.approx(1.0)
+
+
+def test_dot_product_statistics_gradient_norm_is_the_softmax_jacobian():
+    """The reported gradient size equals the norm of autograd's Jacobian of torch.softmax."""
+    d_k, n_keys, n = 16, 6, 40
+    stats = dot_product_statistics(
+        d_k, n_keys, n, scaled=True, generator=torch.Generator().manual_seed(7)
+    )
+    g = torch.Generator().manual_seed(7)  # the same draws as inside the function
+    q = torch.randn(n, 1, d_k, generator=g)
+    k = torch.randn(n, n_keys, d_k, generator=g)
+    scores = (q @ k.transpose(-2, -1)).squeeze(1) / d_k**0.5
+    norms = [
+        torch.autograd.functional.jacobian(lambda x: torch.softmax(x, -1), row).norm()
+        for row in scores
+    ]
+    assert stats["gradient_norm"] == pytest.approx(
+        torch.stack(norms).mean().item(), rel=1e-5
+    )
+    # saturated (one key takes everything) passes no gradient; unscaled wide scores come close
+    wide = dot_product_statistics(
+        1024, 16, 500, scaled=False, generator=torch.Generator().manual_seed(1)
+    )
+    assert wide["gradient_norm"] < 0.5 * stats["gradient_norm"]
 
 
 def test_dot_product_statistics_rejects_bad_input():

@@ -47,7 +47,9 @@ def reference(ref, query, key, value, attn_mask=None, key_padding_mask=None):
         key,
         value,
         attn_mask=None if attn_mask is None else ~attn_mask,  # True = not allowed
-        key_padding_mask=None if key_padding_mask is None else ~key_padding_mask,  # True = ignore
+        key_padding_mask=None
+        if key_padding_mask is None
+        else ~key_padding_mask,  # True = ignore
         need_weights=True,
         average_attn_weights=False,
     )
@@ -78,7 +80,9 @@ def test_causal_and_padding_matches_torch(bias):
     causal = causal_mask(T)
     pad = padding_mask(torch.tensor([6, 4, 1]), T)  # (B, 1, T)
     out, weights = ours(x, mask=causal & pad)
-    ref_out, ref_weights = reference(ref, x, x, x, attn_mask=causal, key_padding_mask=pad[:, 0])
+    ref_out, ref_weights = reference(
+        ref, x, x, x, attn_mask=causal, key_padding_mask=pad[:, 0]
+    )
     torch.testing.assert_close(out, ref_out, **F64)
     torch.testing.assert_close(weights, ref_weights, **F64)
     assert (weights[..., ~causal] == 0).all()
@@ -127,7 +131,9 @@ def test_gradients_match_torch(bias):
     d = d_model
     in_grad = ref.in_proj_weight.grad  # rows: W_q, then W_k, then W_v
     for i, layer in enumerate((ours.W_q, ours.W_k, ours.W_v)):
-        torch.testing.assert_close(layer.weight.grad, in_grad[i * d : (i + 1) * d], **F64)
+        torch.testing.assert_close(
+            layer.weight.grad, in_grad[i * d : (i + 1) * d], **F64
+        )
     torch.testing.assert_close(ours.W_o.weight.grad, ref.out_proj.weight.grad, **F64)
     if bias:
         for i, layer in enumerate((ours.W_q, ours.W_k, ours.W_v)):
@@ -242,7 +248,9 @@ def test_round_trip_preserves_parameters_exactly(bias):
     # and the other way round
     ours = MultiHeadAttention(12, 3, bias=bias).double()
     again = from_torch(to_torch(ours))
-    for (name, p), (_, q) in zip(ours.named_parameters(), again.named_parameters(), strict=True):
+    for (name, p), (_, q) in zip(
+        ours.named_parameters(), again.named_parameters(), strict=True
+    ):
         assert torch.equal(p, q), name
 
 
@@ -280,7 +288,9 @@ def test_parameter_count(d_model, n_heads, bias):
     expected = sum(p.numel() for p in ours.parameters())
     assert mha_parameter_count(d_model, bias=bias) == expected
     ref = nn.MultiheadAttention(d_model, n_heads, bias=bias)
-    assert mha_parameter_count(d_model, bias=bias) == sum(p.numel() for p in ref.parameters())
+    assert mha_parameter_count(d_model, bias=bias) == sum(
+        p.numel() for p in ref.parameters()
+    )
 
 
 def test_parameter_count_rejects_bad_input():
@@ -340,7 +350,9 @@ def test_reverse_model_matches_its_parts():
     ref = to_torch(model.attention)
     h, ref_weights = reference(ref, x, x, x)
     logits, weights = model(tokens)
-    torch.testing.assert_close(logits, h @ model.readout.weight.T + model.readout.bias, **F64)
+    torch.testing.assert_close(
+        logits, h @ model.readout.weight.T + model.readout.bias, **F64
+    )
     torch.testing.assert_close(weights, ref_weights, **F64)
 
 
@@ -378,7 +390,9 @@ def test_train_reverse_lowers_the_loss():
 def test_train_reverse_first_loss_is_cross_entropy_of_the_first_batch():
     model = ReverseModel(vocab_size=5, seq_len=4, d_model=8, n_heads=2)
     untrained = copy.deepcopy(model)
-    losses = train_reverse(model, 1, batch_size=8, generator=torch.Generator().manual_seed(3))
+    losses = train_reverse(
+        model, 1, batch_size=8, generator=torch.Generator().manual_seed(3)
+    )
     tokens, targets = reverse_task(8, 4, 5, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits, _ = untrained(tokens)
@@ -404,17 +418,23 @@ def test_train_reverse_rejects_bad_arguments():
 
 def test_evaluate_reverse_matches_manual_computation():
     model = ReverseModel(vocab_size=3, seq_len=4, d_model=8, n_heads=2)
-    train_reverse(model, 20, batch_size=16, lr=1e-2)  # part-trained: accuracies strictly between
+    train_reverse(
+        model, 20, batch_size=16, lr=1e-2
+    )  # part-trained: accuracies strictly between
     tokens, targets = reverse_task(64, 4, 3, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits, _ = model(tokens)
     predictions = logits.argmax(-1)
-    n_correct = sum(int(predictions[i, t] == targets[i, t]) for i in range(64) for t in range(4))
+    n_correct = sum(
+        int(predictions[i, t] == targets[i, t]) for i in range(64) for t in range(4)
+    )
     n_whole = sum(bool((predictions[i] == targets[i]).all()) for i in range(64))
     result = evaluate_reverse(model, tokens)
     assert result["token_accuracy"] == pytest.approx(n_correct / (64 * 4))
     assert result["sequence_accuracy"] == pytest.approx(n_whole / 64)
-    assert 0 < n_whole < 64  # a case where the two accuracies differ and neither is trivial
+    assert (
+        0 < n_whole < 64
+    )  # a case where the two accuracies differ and neither is trivial
     assert n_whole < n_correct / 4
     assert not model.training
 

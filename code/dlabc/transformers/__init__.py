@@ -1,1 +1,1 @@
-"""Part "Transformers": attention from scratch, attention with PyTorch, and what follows."""
+"""Part "Transformers": attention from scratch and with PyTorch, and what follows."""

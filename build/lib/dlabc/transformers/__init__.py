@@ -1,1 +1,0 @@
-"""Part "Transformers": attention from scratch, attention with PyTorch, and what follows."""
