@@ -50,25 +50,16 @@ def _use_local_mathjax(app: Sphinx, config: Config) -> None:
 def _drop_thebe(app: Sphinx, env, docnames) -> None:
     """Remove sphinx-thebe's scripts (connected after sphinx-thebe's own handler adds them)."""
 
-    def is_thebe(js) -> bool:
-        return "thebe" in str(js.filename or "") or "THEBE_JS_URL" in str(
-            js.attributes.get("body", "")
+    def is_thebe(filename, attributes) -> bool:
+        return "thebe" in str(filename or "") or "THEBE_JS_URL" in str(
+            attributes.get("body")
         )
 
-    for registry in (app.registry.js_files, getattr(app.builder, "script_files", None)):
-        if registry is None:
-            continue
-        keep = [
-            item
-            for item in registry
-            if not is_thebe(item if hasattr(item, "filename") else _Js(*item))
-        ]
-        registry[:] = keep
-
-
-class _Js:  # the registry stores (filename, attributes) pairs, the builder _JavaScript objects
-    def __init__(self, filename, attributes):
-        self.filename, self.attributes = filename, attributes
+    # the registry holds (filename, attributes) pairs, the builder _JavaScript objects
+    registry = app.registry.js_files
+    registry[:] = [(f, a) for f, a in registry if not is_thebe(f, a)]
+    scripts = getattr(app.builder, "script_files", [])
+    scripts[:] = [js for js in scripts if not is_thebe(js.filename, js.attributes)]
 
 
 def _state_file(app: Sphinx) -> Path:

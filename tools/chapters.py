@@ -136,7 +136,8 @@ def missing_pieces(paths: list[Path] | None = None) -> list[str]:
     Checks the given chapters (default: every chapter in ``_toc.yml``) and, in reverse, that
     every module of a part under ``code/dlabc`` has its chapter.
     """
-    paths = chapters() if paths is None else paths
+    whole_book = paths is None
+    paths = chapters() if whole_book else paths
     problems = []
     for path in paths:
         name = module_path(path)
@@ -159,7 +160,7 @@ def missing_pieces(paths: list[Path] | None = None) -> list[str]:
             problems.append(
                 f"book/{name}.md: does not import its module dlabc.{name.replace('/', '.')}"
             )
-    if paths == chapters():
+    if whole_book:
         listed = {module_path(p) for p in paths}
         for module in sorted(PACKAGE.glob("*/*.py")):
             name = module.relative_to(PACKAGE).with_suffix("").as_posix()
