@@ -1,0 +1,1 @@
+"""Part "Foundations": tensors and autograd, and what every later part stands on."""
