@@ -1,0 +1,494 @@
+"""Tests for ``dlabc.foundations.numpy_network``.
+
+Every function is compared with something written elsewhere: ``torch.autograd`` and
+``torch.nn.functional`` in float64 with the same weights (each layer, the loss, a whole
+network, one full-batch SGD step), central finite differences, closed forms
+(``d sum(x^3)/dx = 3x^2``, the He variance ``2/n_in``) and ``sklearn.metrics``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sklearn.metrics
+import torch
+import torch.nn.functional as F
+
+from dlabc.foundations.numpy_network import (
+    Dense,
+    Network,
+    ReLU,
+    Tanh,
+    confusion_matrix,
+    numerical_gradient,
+    softmax_cross_entropy,
+    train,
+)
+
+RTOL = 1e-10  # autograd against our backward: both exact up to rounding
+FD_TOL = dict(rtol=1e-6, atol=1e-8)  # finite differences: O(eps^2) + O(1e-16 / eps)
+
+
+def t64(a: np.ndarray, requires_grad: bool = False) -> torch.Tensor:
+    return torch.tensor(a, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------- layers vs torch + FD
+
+
+def test_dense_gradients_match_autograd_and_finite_differences():
+    r = rng(1)
+    layer = Dense(5, 3, r)
+    layer.b = r.normal(size=3)  # non-zero bias, so a wrong bias term shows
+    x = r.normal(size=(4, 5))
+    G = r.normal(size=(4, 3))  # loss = sum(out * G), so dL/dout = G
+
+    out = layer.forward(x)
+    dx = layer.backward(G)
+
+    xt, Wt, bt = t64(x, True), t64(layer.W, True), t64(layer.b, True)
+    out_t = F.linear(xt, Wt.T, bt)  # torch's Linear stores W.T
+    (out_t * t64(G)).sum().backward()
+    np.testing.assert_allclose(out, out_t.detach().numpy(), rtol=RTOL)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=RTOL)
+    np.testing.assert_allclose(layer.dW, Wt.grad.numpy(), rtol=RTOL)
+    np.testing.assert_allclose(layer.db, bt.grad.numpy(), rtol=RTOL)
+
+    def f() -> float:
+        return float(np.sum(layer.forward(x) * G))
+
+    np.testing.assert_allclose(dx, numerical_gradient(f, x), **FD_TOL)
+    np.testing.assert_allclose(layer.dW, numerical_gradient(f, layer.W), **FD_TOL)
+    np.testing.assert_allclose(layer.db, numerical_gradient(f, layer.b), **FD_TOL)
+    # parameters() hands out the current gradients
+    (W, dW), (b, db) = layer.parameters()
+    assert W is layer.W and dW is layer.dW and b is layer.b and db is layer.db
+
+
+@pytest.mark.parametrize("Layer, torch_fn", [(ReLU, torch.relu), (Tanh, torch.tanh)])
+def test_activation_gradients_match_autograd_and_finite_differences(Layer, torch_fn):
+    r = rng(2)
+    x = r.normal(size=(6, 7))
+    x += np.where(x >= 0, 0.1, -0.1)  # away from ReLU's kink: |x| > 0.1 > eps
+    G = r.normal(size=x.shape)
+    layer = Layer()
+
+    out = layer.forward(x)
+    dx = layer.backward(G)
+
+    xt = t64(x, True)
+    out_t = torch_fn(xt)
+    (out_t * t64(G)).sum().backward()
+    np.testing.assert_allclose(out, out_t.detach().numpy(), rtol=RTOL)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=RTOL)
+    np.testing.assert_allclose(
+        dx, numerical_gradient(lambda: float(np.sum(layer.forward(x) * G)), x), **FD_TOL
+    )
+    assert layer.parameters() == []
+
+
+def test_relu_values_and_gradient_at_and_around_zero_match_torch():
+    x = np.array([[-2.0, -0.0, 0.0, 3.0]])
+    layer = ReLU()
+    out = layer.forward(x)
+    dx = layer.backward(np.ones_like(x))
+    xt = t64(x, True)
+    torch.relu(xt).sum().backward()
+    np.testing.assert_array_equal(out, [[0.0, 0.0, 0.0, 3.0]])
+    np.testing.assert_array_equal(dx, xt.grad.numpy())  # torch: derivative 0 at 0
+
+
+def test_tanh_derivative_closed_form():
+    x = np.linspace(-3, 3, 13).reshape(1, -1)
+    layer = Tanh()
+    layer.forward(x)
+    np.testing.assert_allclose(
+        layer.backward(np.ones_like(x)), 1 / np.cosh(x) ** 2, rtol=1e-12
+    )
+
+
+# --------------------------------------------------------------------- softmax cross-entropy
+
+
+def test_softmax_cross_entropy_matches_torch_loss_and_gradient():
+    r = rng(3)
+    logits = r.normal(scale=3.0, size=(8, 5))
+    labels = r.integers(0, 5, size=8)
+
+    loss, grad = softmax_cross_entropy(logits, labels)
+
+    zt = t64(logits, True)
+    loss_t = F.cross_entropy(zt, torch.tensor(labels), reduction="mean")
+    loss_t.backward()
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(loss_t.item(), rel=RTOL)
+    np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=RTOL, atol=1e-15)
+    # the closed form (softmax - one_hot) / N, and rows summing to 0
+    expected = (torch.softmax(t64(logits), 1).numpy() - np.eye(5)[labels]) / 8
+    np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(grad.sum(axis=1), 0.0, atol=1e-15)
+
+
+def test_softmax_cross_entropy_gradient_matches_finite_differences():
+    r = rng(4)
+    logits = r.normal(size=(5, 4))
+    labels = np.array([0, 3, 1, 1, 2])
+    _, grad = softmax_cross_entropy(logits, labels)
+    numeric = numerical_gradient(
+        lambda: softmax_cross_entropy(logits, labels)[0], logits
+    )
+    np.testing.assert_allclose(grad, numeric, **FD_TOL)
+
+
+def test_softmax_cross_entropy_is_stable_for_huge_logits():
+    r = rng(5)
+    logits = r.choice([-1e4, 1e4], size=(6, 4)) + r.normal(size=(6, 4))
+    labels = r.integers(0, 4, size=6)
+    loss, grad = softmax_cross_entropy(logits, labels)
+    zt = t64(logits, True)
+    loss_t = F.cross_entropy(zt, torch.tensor(labels))
+    loss_t.backward()
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
+    assert loss == pytest.approx(loss_t.item(), rel=1e-10)
+    np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(grad.sum(axis=1), 0.0, atol=1e-15)
+
+
+def test_softmax_cross_entropy_closed_form_uniform_logits():
+    # equal logits: p = 1/C for every class, loss = log C
+    loss, _ = softmax_cross_entropy(np.full((3, 7), 2.5), np.array([0, 3, 6]))
+    assert loss == pytest.approx(np.log(7), rel=1e-14)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.array([0, 1]), "labels must be 3 integers"),  # too few
+        (np.array([[0], [1], [2]]), "labels must be 3 integers"),  # 2-D
+        (np.array([0.0, 1.0, 2.0]), "labels must be 3 integers"),  # float
+        (np.array([0, 1, 4]), r"labels must lie in 0\.\.3"),  # too large
+        (np.array([0, -1, 2]), r"labels must lie in 0\.\.3"),  # negative
+    ],
+)
+def test_softmax_cross_entropy_rejects_bad_labels(labels, match):
+    with pytest.raises(ValueError, match=match):
+        softmax_cross_entropy(np.zeros((3, 4)), labels)
+
+
+def test_softmax_cross_entropy_rejects_bad_logits():
+    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
+        softmax_cross_entropy(np.zeros(4), np.array([0]))
+    with pytest.raises(TypeError, match="logits must be a NumPy array"):
+        softmax_cross_entropy([[0.0, 1.0]], np.array([0]))
+    with pytest.raises(TypeError, match="logits must be a floating-point array"):
+        softmax_cross_entropy(np.zeros((1, 2), dtype=int), np.array([0]))
+
+
+# --------------------------------------------------------------------- whole network
+
+
+def build_network(seed: int = 0) -> Network:
+    r = rng(seed)
+    return Network([Dense(6, 8, r), ReLU(), Dense(8, 8, r), Tanh(), Dense(8, 4, r)])
+
+
+def torch_twin(net: Network) -> torch.nn.Sequential:
+    """The same model in torch, with the NumPy weights copied (Linear.weight = W.T)."""
+    d1, _, d2, _, d3 = net.layers
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 4),
+    ).double()
+    with torch.no_grad():
+        for lin, dense in zip(
+            (model[0], model[2], model[4]), (d1, d2, d3), strict=True
+        ):
+            lin.weight.copy_(torch.from_numpy(dense.W.T))
+            lin.bias.copy_(torch.from_numpy(dense.b))
+    return model
+
+
+def test_network_loss_and_all_gradients_match_torch():
+    net = build_network(6)
+    r = rng(7)
+    for layer in net.layers:
+        if isinstance(layer, Dense):
+            layer.b = r.normal(scale=0.1, size=layer.b.shape)
+    X = r.normal(size=(10, 6))
+    y = r.integers(0, 4, size=10)
+
+    logits = net.forward(X)
+    loss, grad = softmax_cross_entropy(logits, y)
+    net.backward(grad)
+
+    model = torch_twin(net)
+    logits_t = model(t64(X))
+    loss_t = F.cross_entropy(logits_t, torch.tensor(y), reduction="mean")
+    loss_t.backward()
+    np.testing.assert_allclose(logits, logits_t.detach().numpy(), rtol=RTOL)
+    assert loss == pytest.approx(loss_t.item(), rel=RTOL)
+
+    dense = [layer for layer in net.layers if isinstance(layer, Dense)]
+    linear = [model[0], model[2], model[4]]
+    for d, lin in zip(dense, linear, strict=True):
+        np.testing.assert_allclose(
+            d.dW, lin.weight.grad.numpy().T, rtol=1e-9, atol=1e-14
+        )
+        np.testing.assert_allclose(d.db, lin.bias.grad.numpy(), rtol=1e-9, atol=1e-14)
+    # parameters() lists every (parameter, gradient) pair, in layer order
+    expected = [a for d in dense for a in ((d.W, d.dW), (d.b, d.db))]
+    got = net.parameters()
+    assert len(got) == 6
+    assert all(
+        p is ep and g is eg for (p, g), (ep, eg) in zip(got, expected, strict=True)
+    )
+
+
+def test_network_gradients_match_finite_differences():
+    net = build_network(8)
+    r = rng(9)
+    X = r.normal(size=(5, 6))
+    y = r.integers(0, 4, size=5)
+    _, grad = softmax_cross_entropy(net.forward(X), y)
+    net.backward(grad)
+    analytic = [g.copy() for _, g in net.parameters()]
+    params = [p for p, _ in net.parameters()]
+
+    def f() -> float:
+        return softmax_cross_entropy(net.forward(X), y)[0]
+
+    for p, g in zip(params, analytic, strict=True):
+        np.testing.assert_allclose(g, numerical_gradient(f, p), **FD_TOL)
+
+
+def test_network_rejects_no_layers():
+    with pytest.raises(ValueError, match="at least one layer"):
+        Network([])
+
+
+# --------------------------------------------------------------------- Dense construction / input
+
+
+def test_dense_he_initialisation_variance():
+    n_in, n_out = (
+        400,
+        500,
+    )  # 200,000 weights: relative sd of the sample variance ~ sqrt(2/2e5) = 0.3%
+    layer = Dense(n_in, n_out, rng(10))
+    assert layer.W.shape == (n_in, n_out) and layer.b.shape == (n_out,)
+    assert layer.W.var() == pytest.approx(2.0 / n_in, rel=0.03)
+    assert abs(layer.W.mean()) < 5 * np.sqrt(2.0 / n_in / layer.W.size)
+    np.testing.assert_array_equal(layer.b, 0.0)
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.0, None])
+@pytest.mark.parametrize("which", ["n_in", "n_out"])
+def test_dense_rejects_bad_sizes(bad, which):
+    sizes = {"n_in": 3, "n_out": 2, which: bad}
+    with pytest.raises(ValueError, match=f"{which} must be a positive int"):
+        Dense(sizes["n_in"], sizes["n_out"], rng())
+
+
+def test_dense_rejects_bad_input():
+    layer = Dense(3, 2, rng())
+    with pytest.raises(ValueError, match="x must have 3 features"):
+        layer.forward(np.zeros((4, 5)))
+    with pytest.raises(TypeError, match="x must be a NumPy array"):
+        layer.forward([[0.0, 0.0, 0.0]])
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        layer.forward(np.zeros((4, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        layer.forward(np.zeros(3))
+
+
+# --------------------------------------------------------------------- numerical_gradient
+
+
+def test_numerical_gradient_closed_form_and_restores_x():
+    x = rng(11).normal(size=(3, 4))
+    before = x.copy()
+    grad = numerical_gradient(lambda: float(np.sum(x**3)), x)
+    # error: O(eps^2) truncation plus |f| * 1e-16 / eps rounding, ~1e-9 here
+    np.testing.assert_allclose(grad, 3 * before**2, rtol=1e-7, atol=1e-8)
+    np.testing.assert_array_equal(x, before)  # every entry put back exactly
+    assert grad.shape == x.shape and grad.dtype == np.float64
+
+
+def test_numerical_gradient_is_exact_on_quadratics():
+    # central differences have no truncation error on a quadratic: only rounding remains
+    x = np.array([1.0, -2.0, 0.5])
+    A = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, -1.0], [0.0, -1.0, 4.0]])
+    grad = numerical_gradient(lambda: float(0.5 * x @ A @ x), x, eps=1e-4)
+    np.testing.assert_allclose(grad, A @ x, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "bad", [np.zeros(3, dtype=np.float32), np.zeros(3, dtype=np.int64), [0.0, 1.0], 1.0]
+)
+def test_numerical_gradient_rejects_non_float64_arrays(bad):
+    with pytest.raises(TypeError, match="float64 NumPy array"):
+        numerical_gradient(lambda: 0.0, bad)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan")])
+def test_numerical_gradient_rejects_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps must be positive"):
+        numerical_gradient(lambda: 0.0, np.zeros(2), eps=eps)
+
+
+# --------------------------------------------------------------------- train
+
+
+def blobs(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three well-separated Gaussian blobs in 2-D."""
+    r = rng(seed)
+    centres = np.array([[4.0, 0.0], [-2.0, 3.5], [-2.0, -3.5]])
+    y = np.repeat(np.arange(3), n_per_class)
+    X = centres[y] + 0.5 * r.normal(size=(len(y), 2))
+    return X, y
+
+
+def small_net(seed: int = 0) -> Network:
+    r = rng(seed)
+    return Network([Dense(2, 8, r), ReLU(), Dense(8, 3, r)])
+
+
+def test_train_learns_a_separable_problem():
+    X, y = blobs(20, seed=12)
+    X_val, y_val = blobs(10, seed=13)
+    history = train(small_net(), X, y, X_val, y_val, epochs=15, batch_size=10, lr=0.1)
+    assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(v) == 15 for v in history.values())
+    assert history["loss"][-1] < 0.5 * history["loss"][0]
+    assert history["accuracy"][-1] == 1.0 and history["val_accuracy"][-1] == 1.0
+
+
+def test_train_one_full_batch_epoch_is_one_sgd_step_as_in_torch():
+    X, y = blobs(5, seed=14)
+    X_val, y_val = blobs(3, seed=15)
+    net = small_net(16)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ).double()
+    with torch.no_grad():
+        for lin, dense in zip(
+            (model[0], model[2]), (net.layers[0], net.layers[2]), strict=True
+        ):
+            lin.weight.copy_(torch.from_numpy(dense.W.T))
+            lin.bias.copy_(torch.from_numpy(dense.b))
+    F.cross_entropy(model(t64(X)), torch.tensor(y)).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.3 * p.grad  # plain SGD
+
+    history = train(net, X, y, X_val, y_val, epochs=1, batch_size=len(X), lr=0.3)
+
+    for lin, dense in zip(
+        (model[0], model[2]), (net.layers[0], net.layers[2]), strict=True
+    ):
+        np.testing.assert_allclose(
+            dense.W, lin.weight.detach().numpy().T, rtol=1e-10, atol=1e-14
+        )
+        np.testing.assert_allclose(
+            dense.b, lin.bias.detach().numpy(), rtol=1e-10, atol=1e-14
+        )
+    with torch.no_grad():
+        for prefix, (inputs, labels) in (("", (X, y)), ("val_", (X_val, y_val))):
+            logits = model(t64(inputs))
+            assert history[prefix + "loss"] == [
+                pytest.approx(F.cross_entropy(logits, torch.tensor(labels)).item())
+            ]
+            acc = (logits.argmax(1).numpy() == labels).mean()
+            assert history[prefix + "accuracy"] == [pytest.approx(acc)]
+
+
+def test_train_is_reproducible_and_depends_on_seed():
+    X, y = blobs(8, seed=17)
+    X_val, y_val = blobs(4, seed=18)
+    kwargs = dict(epochs=3, batch_size=5, lr=0.05)
+    h1 = train(small_net(), X, y, X_val, y_val, seed=3, **kwargs)
+    h2 = train(small_net(), X, y, X_val, y_val, seed=3, **kwargs)
+    h3 = train(small_net(), X, y, X_val, y_val, seed=4, **kwargs)
+    assert h1 == h2
+    assert h1["loss"] != h3["loss"]  # another seed, another order of mini-batches
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epochs=0), "epochs must be a positive int"),
+        (dict(epochs=-1), "epochs must be a positive int"),
+        (dict(epochs=True), "epochs must be a positive int"),
+        (dict(epochs=2.0), "epochs must be a positive int"),
+        (dict(batch_size=0), "batch_size must be a positive int"),
+        (dict(batch_size=False), "batch_size must be a positive int"),
+        (dict(batch_size=4.5), "batch_size must be a positive int"),
+        (dict(lr=0.0), "lr must be positive"),
+        (dict(lr=-0.1), "lr must be positive"),
+        (dict(lr=float("nan")), "lr must be positive"),
+    ],
+)
+def test_train_rejects_bad_hyperparameters(kwargs, match):
+    X, y = blobs(2, seed=19)
+    with pytest.raises(ValueError, match=match):
+        train(small_net(), X, y, X, y, **kwargs)
+
+
+# --------------------------------------------------------------------- confusion_matrix
+
+
+def test_confusion_matrix_hand_count():
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    predictions = np.array([0, 1, 1, 2, 0, 2])
+    expected = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    M = confusion_matrix(labels, predictions, 3)
+    np.testing.assert_array_equal(M, expected)
+    assert M.dtype == np.int64
+
+
+def test_confusion_matrix_matches_sklearn():
+    r = rng(20)
+    labels = r.integers(0, 5, size=200)
+    predictions = np.where(r.random(200) < 0.6, labels, r.integers(0, 5, size=200))
+    M = confusion_matrix(labels, predictions, 5)
+    np.testing.assert_array_equal(
+        M, sklearn.metrics.confusion_matrix(labels, predictions, labels=range(5))
+    )
+    np.testing.assert_array_equal(M.sum(axis=1), np.bincount(labels, minlength=5))
+    np.testing.assert_array_equal(M.sum(axis=0), np.bincount(predictions, minlength=5))
+    # a class that never occurs still gets its (zero) row and column
+    M6 = confusion_matrix(labels, predictions, 6)
+    assert M6.shape == (6, 6) and M6[5].sum() == 0 and M6[:, 5].sum() == 0
+
+
+@pytest.mark.parametrize(
+    "labels, predictions",
+    [
+        (np.array([0, 1, 2]), np.array([0, 1])),
+        (np.array([[0, 1]]), np.array([[0, 1]])),
+        (np.array([[0, 1]]), np.array([0, 1])),
+    ],
+)
+def test_confusion_matrix_rejects_shape_mismatch(labels, predictions):
+    with pytest.raises(ValueError, match="must be 1-D of one length"):
+        confusion_matrix(labels, predictions, 3)
+
+
+@pytest.mark.parametrize(
+    "labels, predictions",
+    [
+        (np.array([0, -1, 2]), np.array([0, 1, 2])),  # BUG: counted silently as class 2
+        (np.array([0, 1, 2]), np.array([0, 1, -1])),  # BUG: counted silently as class 2
+        (np.array([0, 1, 3]), np.array([0, 1, 2])),  # raises NumPy's IndexError instead
+    ],
+)
+def test_confusion_matrix_rejects_classes_out_of_range(labels, predictions):
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        confusion_matrix(labels, predictions, 3)
