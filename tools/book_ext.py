@@ -87,12 +87,15 @@ def _drop_stale_execution(app: Sphinx, docname: str, source: list[str]) -> None:
         from jupyter_cache import get_cache
 
         cache = get_cache(state_file.parent)
-        for record in cache.list_cache_records():
-            if Path(record.uri).resolve() == path:
-                cache.remove_cache(record.pk)
-                logger.info(
-                    f"[dlabc] {docname}: the code it imports changed, it runs again"
-                )
+        stale = [
+            r.pk for r in cache.list_cache_records() if Path(r.uri).resolve() == path
+        ]
+        for pk in stale:
+            cache.remove_cache(pk)
+        if stale:
+            logger.info(
+                f"[dlabc] {docname}: the code it imports changed, it runs again"
+            )
     state[docname] = fingerprint
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(state, indent=1, sort_keys=True))

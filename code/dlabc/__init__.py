@@ -7,6 +7,7 @@ One module per chapter, in folders named like the book's parts
 
 - :mod:`dlabc.book`   -- what every chapter calls: set-up, device, showing code, gluing numbers;
 - :mod:`dlabc.checks` -- argument checks that give clear errors;
+- :mod:`dlabc.data`   -- every data set, loaded in one place;
 - :mod:`dlabc.plot`   -- the figure helpers the chapters share.
 """
 

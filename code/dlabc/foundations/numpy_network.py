@@ -122,9 +122,8 @@ def softmax_cross_entropy(
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
         raise ValueError(f"labels must lie in 0..{logits.shape[1] - 1}")
     n = len(logits)
-    shifted = logits - logits.max(
-        axis=1, keepdims=True
-    )  # stable, as in the attention chapter
+    # subtract each row's max first, as in the attention chapter: nothing overflows
+    shifted = logits - logits.max(axis=1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # (N, C)
     loss = -log_p[np.arange(n), labels].mean()
     grad = np.exp(log_p)  # p, (N, C)
