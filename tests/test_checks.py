@@ -1,9 +1,13 @@
 """dlabc.checks: the argument checks every module uses."""
 
+import math
+import re
+
+import numpy as np
 import pytest
 import torch
 
-from dlabc.checks import check_positive_int, check_tensor
+from dlabc.checks import check_number, check_positive_int, check_tensor
 
 
 def test_check_tensor_accepts_and_returns():
@@ -44,3 +48,59 @@ def test_check_positive_int():
         check_positive_int(2.0, "n")
     with pytest.raises(ValueError, match="n must be positive, got 0"):
         check_positive_int(0, "n")
+
+
+@pytest.mark.parametrize(
+    "value, kwargs",
+    [
+        (3, {}),
+        (-2.5, {}),
+        (0, {"low": 0}),  # closed bounds include themselves
+        (1, {"low": 0, "high": 1}),
+        (0.5, {"low": 0, "high": 1, "low_open": True, "high_open": True}),
+        (1e-300, {"low": 0, "low_open": True}),
+        (-7, {"high": -7}),
+    ],
+)
+def test_check_number_accepts_and_returns_a_float(value, kwargs):
+    result = check_number(value, "x", **kwargs)
+    assert type(result) is float and result == value
+
+
+@pytest.mark.parametrize(
+    "value, got", [(True, "bool"), ("0.1", "str"), (None, "NoneType"), ([1.0], "list")]
+)
+def test_check_number_rejects_non_numbers(value, got):
+    with pytest.raises(TypeError, match=f"x must be a number, got {got}"):
+        check_number(value, "x")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_check_number_rejects_non_finite(value):
+    with pytest.raises(ValueError, match=f"x must be finite, got {value}"):
+        check_number(value, "x", low=-math.inf)
+
+
+@pytest.mark.parametrize(
+    "value, kwargs, message",
+    [
+        (-1, {"low": 0}, "lr must be in [0, inf), got -1"),
+        (0, {"low": 0, "low_open": True}, "lr must be in (0, inf), got 0"),
+        (1, {"low": 0, "high": 1, "high_open": True}, "lr must be in [0, 1), got 1"),
+        (1.5, {"low": 0, "high": 1}, "lr must be in [0, 1], got 1.5"),
+        (2, {"high": 1}, "lr must be in (-inf, 1], got 2"),
+        (1, {"high": 1, "high_open": True}, "lr must be in (-inf, 1), got 1"),
+        (-0.001, {"low": 0, "high": 0.1}, "lr must be in [0, 0.1], got -0.001"),
+        (-1e-8, {"low": 0}, "lr must be in [0, inf), got -1e-08"),
+    ],
+)
+def test_check_number_rejects_values_out_of_bounds(value, kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        check_number(value, "lr", **kwargs)
+
+
+def test_check_number_accepts_numpy_scalars_but_not_bools():
+    assert check_number(np.float32(0.5), "x", low=0) == 0.5
+    assert check_number(np.int64(3), "x", low=0) == 3.0
+    with pytest.raises(TypeError, match="x must be a number, got bool"):
+        check_number(np.bool_(True), "x")
