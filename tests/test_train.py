@@ -4,7 +4,9 @@
 ``F.cross_entropy`` and an accuracy computed by hand; ``fit`` with one full batch
 against one gradient step written out with ``torch.autograd.grad``, and for its
 bookkeeping (history lengths, the learning-rate schedule, gradient clipping, early
-stopping, SAM's two loss evaluations per step).
+stopping, SAM's two loss evaluations per step). With ``autocast_dtype=torch.bfloat16``
+the training forward runs in bfloat16 (seen by a forward hook) while the weights, their
+gradients and the evaluation stay float32, and the run follows the float32 one closely.
 """
 
 from __future__ import annotations
@@ -426,3 +428,86 @@ def test_evaluate_restores_the_mode_when_the_model_fails():
     with pytest.raises(RuntimeError, match="boom"):
         evaluate(model, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
     assert model.training
+
+
+# --------------------------------------------------------------------- autocast
+
+
+def learnable(n: int = 48, d: int = 4, classes: int = 3, seed: int = 0):
+    """float32 inputs labelled by a random linear teacher: a problem fit can learn."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    return X, (X @ torch.randn(d, classes, generator=g)).argmax(1)
+
+
+@pytest.mark.parametrize(
+    "autocast_dtype, forward_dtype",
+    [(None, torch.float32), (torch.bfloat16, torch.bfloat16)],
+    ids=["float32", "bfloat16"],
+)
+def test_autocast_runs_the_training_forward_in_low_precision(
+    autocast_dtype, forward_dtype
+):
+    X, y = learnable()
+    net = model().float()
+    seen = []  # (training?, dtype of the first layer's output)
+    net[0].register_forward_hook(
+        lambda module, inputs, output: seen.append((module.training, output.dtype))
+    )
+    history = fit(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.5),
+        (X, y),
+        epochs=15,
+        batch_size=16,
+        autocast_dtype=autocast_dtype,
+    )
+    steps = 15 * 3
+    in_training = [dtype for training, dtype in seen if training]
+    in_evaluation = [dtype for training, dtype in seen if not training]
+    assert in_training == [forward_dtype] * steps
+    assert in_evaluation == [torch.float32] * 15  # evaluate runs outside autocast
+    for p in net.parameters():  # the weights and their gradients stay float32
+        assert p.dtype == torch.float32
+        assert p.grad.dtype == torch.float32
+    assert all(isinstance(loss, float) for loss in history.step_loss)
+    assert history.train_loss[-1] < 0.5 * history.train_loss[0]  # it still trains
+
+
+def test_autocast_bfloat16_follows_the_float32_run_closely():
+    X, y = learnable()
+
+    def run(autocast_dtype):
+        net = model().float()
+        history = fit(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.5),
+            (X, y),
+            epochs=5,
+            batch_size=16,
+            autocast_dtype=autocast_dtype,
+        )
+        return history.step_loss
+
+    full, half = run(None), run(torch.bfloat16)
+    assert full != half  # bfloat16 rounds differently ...
+    # ... but only at bfloat16's precision (8 bits of mantissa)
+    assert half == pytest.approx(full, rel=3e-2)
+
+
+@pytest.mark.parametrize("bad", ["bf16", "torch.bfloat16", 16, float])
+def test_autocast_dtype_must_be_a_torch_dtype(bad):
+    X, y = data(10)
+    net = model()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(
+        TypeError, match=re.escape(f"autocast_dtype must be a torch.dtype, got {bad!r}")
+    ):
+        fit(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.1),
+            (X, y),
+            epochs=1,
+            autocast_dtype=bad,
+        )
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))

@@ -105,6 +105,7 @@ def fit(
     loss_fn: LossFn = F.cross_entropy,
     lr_schedule: Callable[[int], float] | None = None,
     clip_norm: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
     callback: Callable[[int, History], bool | None] | None = None,
     seed: int = 0,
 ) -> History:
@@ -114,6 +115,8 @@ def fit(
       from 0 over the whole run.
     - ``clip_norm`` (optional) rescales the gradients so that their global norm is at
       most this value, before each step.
+    - ``autocast_dtype`` (optional, e.g. ``torch.bfloat16``) runs the forward pass in
+      mixed precision with ``torch.autocast``; the weights stay float32.
     - After every epoch the loss and accuracy on the whole training set and on ``test``
       are measured in evaluation mode; then ``callback(epoch, history)`` runs, and
       training stops early when it returns ``True``.
@@ -135,6 +138,8 @@ def fit(
     check_positive_int(batch_size, "batch_size")
     if clip_norm is not None:
         check_number(clip_norm, "clip_norm", low=0, low_open=True)
+    if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
+        raise TypeError(f"autocast_dtype must be a torch.dtype, got {autocast_dtype!r}")
     if not (hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")):
         raise TypeError(f"optimizer must have step and zero_grad, got {optimizer!r}")
     generator = torch.Generator().manual_seed(seed)
@@ -151,7 +156,10 @@ def fit(
 
             def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
                 optimizer.zero_grad()
-                loss = loss_fn(model(xb), yb)
+                with torch.autocast(
+                    xb.device.type, autocast_dtype, enabled=autocast_dtype is not None
+                ):
+                    loss = loss_fn(model(xb), yb)
                 loss.backward()
                 if clip_norm is not None:
                     nn.utils.clip_grad_norm_(parameters, clip_norm)

@@ -6,6 +6,7 @@ generated notebook runs there in a fresh kernel, from a working directory that h
 of the repository.
 """
 
+import concurrent.futures
 import os
 import re
 import shutil
@@ -100,25 +101,55 @@ def installed_dlabc(tmp_path_factory):
     return site
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
-def test_notebook_runs_like_colab(chapter, installed_dlabc, tmp_path, monkeypatch):
+def _run_like_colab(chapter: Path, site: Path, workdir: Path) -> nbformat.NotebookNode:
+    """Execute the chapter's notebook in a fresh kernel that sees only the installed wheel."""
     nb = notebooks.convert(chapter)
     nb.cells.append(
         nbformat.v4.new_code_cell("import dlabc\nprint('dlabc from', dlabc.__file__)")
     )
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    monkeypatch.setenv("PYTHONPATH", str(installed_dlabc))
-    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    monkeypatch.chdir(workdir)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    }
     NotebookClient(
         nb,
         timeout=300,
         kernel_name="python3",
         resources={"metadata": {"path": str(workdir)}},
-    ).execute()
+    ).execute(env=env)
+    return nb
 
+
+@pytest.fixture(scope="module")
+def colab_runs(installed_dlabc, tmp_path_factory):
+    """Every chapter's notebook, executed two at a time (one kernel per core).
+
+    Each chapter computes on one thread, so two kernels side by side halve the time of
+    this, the slowest part of the test suite. Failures are kept and reported per chapter.
+    """
+
+    def run(chapter):
+        workdir = tmp_path_factory.mktemp("run")
+        try:
+            return chapter, (
+                _run_like_colab(chapter, installed_dlabc, workdir),
+                workdir,
+            )
+        except Exception as err:  # reported by the chapter's own test below
+            return chapter, err
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, CHAPTERS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
+def test_notebook_runs_like_colab(chapter, colab_runs, installed_dlabc):
+    result = colab_runs[chapter]
+    if isinstance(result, Exception):
+        raise result
+    nb, workdir = result
     printed = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
     )

@@ -56,7 +56,7 @@ def _check_dims(x: torch.Tensor, dims: Sequence[int]) -> tuple[int, ...]:
 
 
 class Standardize(torch.autograd.Function):
-    r"""$\hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}$ over ``dims``, and the backward pass.
+    r"""Standardize over ``dims``: $\hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}$.
 
     With $M$ the number of elements in each group and $g = \partial L/\partial \hat x$,
     $\partial L/\partial x = \frac{1}{\sqrt{\sigma^2+\epsilon}}
