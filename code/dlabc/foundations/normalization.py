@@ -206,6 +206,25 @@ class BatchNorm(_ChannelNorm):
         return self._affine(x_hat)
 
 
+def _normalized_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    """``normalized_shape`` of LayerNorm and RMSNorm as a tuple of positive ints."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    for i, n in enumerate(shape):
+        check_positive_int(n, f"normalized_shape[{i}]")
+    return shape
+
+
+def _trailing_axes(x: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Check that ``x`` ends with the axes ``shape``; return their indices."""
+    check_tensor(x, "x", floating=True)
+    k = len(shape)
+    if x.dim() < k or tuple(x.shape[-k:]) != shape:
+        raise ValueError(
+            f"x must end with the axes {shape}, got shape {tuple(x.shape)}"
+        )
+    return tuple(range(x.dim() - k, x.dim()))
+
+
 class LayerNorm(nn.Module):
     """Normalize each example over its last ``len(normalized_shape)`` axes.
 
@@ -219,11 +238,7 @@ class LayerNorm(nn.Module):
         elementwise_affine: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, int):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
-        for i, n in enumerate(self.normalized_shape):
-            check_positive_int(n, f"normalized_shape[{i}]")
+        self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = check_number(eps, "eps", low=0)
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
@@ -231,14 +246,8 @@ class LayerNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(self.normalized_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", floating=True)
-        k = len(self.normalized_shape)
-        if tuple(x.shape[-k:]) != self.normalized_shape or x.dim() < k:
-            raise ValueError(
-                f"x must end with the axes {self.normalized_shape}, "
-                f"got shape {tuple(x.shape)}"
-            )
-        x_hat = standardize(x, tuple(range(x.dim() - k, x.dim())), self.eps)
+        last_axes = _trailing_axes(x, self.normalized_shape)
+        x_hat = standardize(x, last_axes, self.eps)
         if self.elementwise_affine:
             x_hat = x_hat * self.weight + self.bias
         return x_hat
@@ -300,26 +309,16 @@ class RMSNorm(nn.Module):
         elementwise_affine: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, int):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
-        for i, n in enumerate(self.normalized_shape):
-            check_positive_int(n, f"normalized_shape[{i}]")
+        self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = None if eps is None else check_number(eps, "eps", low=0)
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(self.normalized_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", floating=True)
-        k = len(self.normalized_shape)
-        if tuple(x.shape[-k:]) != self.normalized_shape or x.dim() < k:
-            raise ValueError(
-                f"x must end with the axes {self.normalized_shape}, "
-                f"got shape {tuple(x.shape)}"
-            )
+        last_axes = _trailing_axes(x, self.normalized_shape)
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        x_hat = rms_scale(x, tuple(range(x.dim() - k, x.dim())), eps)
+        x_hat = rms_scale(x, last_axes, eps)
         return x_hat * self.weight if self.elementwise_affine else x_hat
 
 

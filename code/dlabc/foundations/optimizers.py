@@ -321,24 +321,16 @@ class Lion(Optimizer):
         m.mul_(beta2).add_((1 - beta2) * g)  # the momentum, with a longer memory
 
 
-class Lookahead:
-    r"""Wrap any optimizer: after every ``k`` of its steps, pull toward slow weights.
+class _Wrapper:
+    """An optimizer around a dlabc ``optimizer``: shares its learning rate and gradients."""
 
-    Fast weights $\theta$ take ``k`` steps of the inner optimizer; then the slow weights
-    move part of the way, $\phi \leftarrow \phi + \alpha(\theta - \phi)$, and the fast
-    weights restart from them, $\theta \leftarrow \phi$.
-    """
-
-    def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
+    def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
-                f"Lookahead wraps a dlabc optimizer, got {type(optimizer).__name__}"
+                f"{type(self).__name__} wraps a dlabc optimizer, "
+                f"got {type(optimizer).__name__}"
             )
         self.optimizer = optimizer
-        self.k = check_positive_int(k, "k")
-        self.alpha = check_number(alpha, "alpha", low=0, high=1)
-        self.slow = [p.detach().clone() for p in optimizer.params]  # phi
-        self.steps = 0
 
     @property
     def lr(self) -> float:
@@ -350,6 +342,22 @@ class Lookahead:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
+
+
+class Lookahead(_Wrapper):
+    r"""Wrap any optimizer: after every ``k`` of its steps, pull toward slow weights.
+
+    Fast weights $\theta$ take ``k`` steps of the inner optimizer; then the slow weights
+    move part of the way, $\phi \leftarrow \phi + \alpha(\theta - \phi)$, and the fast
+    weights restart from them, $\theta \leftarrow \phi$.
+    """
+
+    def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
+        super().__init__(optimizer)
+        self.k = check_positive_int(k, "k")
+        self.alpha = check_number(alpha, "alpha", low=0, high=1)
+        self.slow = [p.detach().clone() for p in optimizer.params]  # phi
+        self.steps = 0
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor | None:
@@ -362,7 +370,7 @@ class Lookahead:
         return loss
 
 
-class SAM:
+class SAM(_Wrapper):
     r"""Sharpness-aware minimization: take the gradient at the worst nearby point.
 
     $\hat\epsilon = \rho\, g / \lVert g\rVert_2$ (the steepest ascent of length $\rho$);
@@ -372,23 +380,8 @@ class SAM:
     """
 
     def __init__(self, optimizer: Optimizer, rho: float = 0.05) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"SAM wraps a dlabc optimizer, got {type(optimizer).__name__}"
-            )
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.rho = check_number(rho, "rho", low=0, low_open=True)
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.optimizer.lr = value
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad()
 
     def step(self, closure: Closure | None = None) -> torch.Tensor:
         if closure is None:
