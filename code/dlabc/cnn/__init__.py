@@ -1,0 +1,1 @@
+"""Part "CNNs": convolution and pooling, CNN classifiers, convolution variants, ResNet and the classics, U-Net."""
