@@ -12,11 +12,12 @@ ifeq ($(CI),true)
   FRESH ?= 1
 endif
 
-.PHONY: book test lint notebooks timings chapter serve clean clean-all help
+.PHONY: book test colab lint notebooks timings chapter serve clean clean-all help
 
 help:
 	@echo "make book       build the site into _build/html (strict: any warning or failing cell fails it)"
-	@echo "make test       run every test (unit tests, notebooks in a clean kernel, the site in Chromium)"
+	@echo "make test       run the tests (unit tests, notebook checks, the site in Chromium), under 3 minutes"
+	@echo "make colab      run every chapter's notebook like Colab: dlabc installed as a wheel, fresh kernels"
 	@echo "make lint       ruff: formatting and lint of code/, tests/, tools/"
 	@echo "make notebooks  regenerate the Colab notebooks book/**/*.ipynb from the chapters"
 	@echo "make timings    execute every chapter from nothing and print the seconds each takes"
@@ -47,7 +48,12 @@ endif
 	$(JB) build . --warningiserror --keep-going --builder html
 
 test: $(READY)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+# Every chapter's notebook, executed top to bottom like Colab (two kernels at a time): as long
+# as all chapters together take to run, so it is its own command; CI runs it after `make test`.
+colab: $(READY)
+	$(PY) -m pytest -m slow tests/platform/test_notebooks.py
 
 lint: $(READY)
 	$(VENV)/bin/ruff format --check code tests tools

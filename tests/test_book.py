@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from dlabc import book
 from dlabc.transformers import attention_from_scratch as afs
@@ -23,6 +24,28 @@ def test_setup_seeds_threads_and_device(monkeypatch):
         assert device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     finally:
         torch.set_num_threads(threads)
+
+
+def blas_threads() -> list[int]:
+    """The thread count of every BLAS library loaded in this process (NumPy's)."""
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+def test_setup_limits_numpy_blas_to_one_thread(monkeypatch):
+    monkeypatch.delenv("DLABC_DEVICE", raising=False)
+    np.ones((2, 2)) @ np.ones((2, 2))  # NumPy's BLAS is loaded
+    before = blas_threads()
+    assert before, "threadpoolctl finds no BLAS behind NumPy"
+    torch_threads = torch.get_num_threads()
+    try:
+        threadpool_limits(limits=2, user_api="blas")  # as a fresh process may have it
+        book.setup()
+        assert blas_threads() == [1] * len(before)
+        a = np.random.default_rng(0).normal(size=(64, 64))
+        np.testing.assert_allclose(a @ np.linalg.inv(a), np.eye(64), atol=1e-8)
+    finally:
+        threadpool_limits(limits=max(before), user_api="blas")
+        torch.set_num_threads(torch_threads)
 
 
 def test_device_override(monkeypatch):

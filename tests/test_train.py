@@ -4,7 +4,8 @@
 ``F.cross_entropy`` and an accuracy computed by hand; ``fit`` with one full batch
 against one gradient step written out with ``torch.autograd.grad``, and for its
 bookkeeping (history lengths, the learning-rate schedule, gradient clipping, early
-stopping, SAM's two loss evaluations per step). With ``autocast_dtype=torch.bfloat16``
+stopping, SAM's two loss evaluations per step; with ``evaluate_train=False`` the same
+run without the pass over the training set). With ``autocast_dtype=torch.bfloat16``
 the training forward runs in bfloat16 (seen by a forward hook) while the weights, their
 gradients and the evaluation stay float32, and the run follows the float32 one closely.
 """
@@ -428,6 +429,52 @@ def test_evaluate_restores_the_mode_when_the_model_fails():
     with pytest.raises(RuntimeError, match="boom"):
         evaluate(model, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
     assert model.training
+
+
+@pytest.mark.parametrize("with_test", [True, False])
+def test_fit_without_evaluating_the_training_set(with_test):
+    X, y = data(20)
+    test = data(9, seed=1) if with_test else None
+
+    def run(evaluate_train):
+        torch.manual_seed(3)  # the dropout masks: the skipped pass must not shift them
+        net = nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)
+        ).double()
+        calls, seen = [], []
+
+        def loss_fn(logits, target):
+            calls.append(len(target))
+            return F.cross_entropy(logits, target)
+
+        history = fit(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9),
+            (X, y),
+            test,
+            epochs=3,
+            batch_size=6,
+            loss_fn=loss_fn,
+            callback=lambda epoch, h: seen.append(len(h.test_loss)),
+            evaluate_train=evaluate_train,
+        )
+        return history, [p.detach().clone() for p in net.parameters()], calls, seen
+
+    h_off, p_off, calls_off, seen_off = run(False)
+    h_on, p_on, calls_on, seen_on = run(True)
+    assert h_off.train_loss == [] and h_off.train_accuracy == []
+    assert len(h_on.train_loss) == len(h_on.train_accuracy) == 3
+    # training itself is the same: steps, learning rates, test metrics, final weights
+    assert len(h_off.step_loss) == len(h_off.lr) == 3 * 4  # 20 = 6 + 6 + 6 + 2
+    assert h_off.step_loss == h_on.step_loss and h_off.lr == h_on.lr
+    assert h_off.test_loss == h_on.test_loss
+    assert h_off.test_accuracy == h_on.test_accuracy
+    assert len(h_off.test_loss) == (3 if with_test else 0)
+    assert all(torch.equal(a, b) for a, b in zip(p_off, p_on, strict=True))
+    # the loss runs once per step, plus once per epoch and evaluated set
+    assert len(calls_off) == 12 + 3 * with_test
+    assert len(calls_on) == 12 + 3 * (1 + with_test)
+    assert seen_off == seen_on == ([1, 2, 3] if with_test else [0, 0, 0])
 
 
 # --------------------------------------------------------------------- autocast

@@ -11,11 +11,13 @@ import inspect
 import os
 import random
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from IPython.display import Markdown
+from threadpoolctl import threadpool_limits
 
 from dlabc import __version__, plot
 
@@ -36,8 +38,10 @@ def device() -> torch.device:
 def setup(seed: int = 0, threads: int = 1) -> torch.device:
     """Make a chapter reproducible and fast on a small CPU; return the device to compute on.
 
-    Seeds Python, NumPy and PyTorch, limits PyTorch to ``threads`` CPU threads (one thread is
-    the fastest for the book's small models on a 2-core machine), and sets the figure style.
+    Seeds Python, NumPy and PyTorch, limits PyTorch and NumPy's BLAS to ``threads`` CPU
+    threads (one thread is the fastest for the book's small models on a 2-core machine,
+    and several threads fighting over busy cores make small matrix products ten times
+    slower), and sets the figure style.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -47,6 +51,10 @@ def setup(seed: int = 0, threads: int = 1) -> torch.device:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)  # NumPy's BLAS; stays in force for the process
+    # tqdm (imported by transformers) warns in Jupyter without ipywidgets; its text
+    # progress bars work, and the book's pages must not show the warning
+    warnings.filterwarnings("ignore", message="IProgress not found")
     plot.use_style()
     dev = device()
     name = (

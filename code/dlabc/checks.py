@@ -39,6 +39,19 @@ def check_tensor(
     return x
 
 
+def check_array(
+    x: object, name: str, *, ndim: int | None = None, floating: bool = True
+) -> np.ndarray:
+    """Check that ``x`` is a NumPy array with ``ndim`` dimensions (and a float dtype)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+    if floating and not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    return x
+
+
 def check_positive_int(value: object, name: str) -> int:
     """Check that ``value`` is an ``int`` (not a bool) greater than zero; return it."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -4,6 +4,10 @@ Every function is compared with something written elsewhere: ``torch.autograd`` 
 ``torch.nn.functional`` in float64 with the same weights (each layer, the loss, a whole
 network, one full-batch SGD step), central finite differences, closed forms
 (``d sum(x^3)/dx = 3x^2``, the He variance ``2/n_in``) and ``sklearn.metrics``.
+``train``'s momentum and learning-rate schedule follow ``torch.optim.SGD(momentum=m,
+dampening=0)`` parameter by parameter before every step, on the same mini-batches, and
+a hand computation of ``v = m v + g, p -= lr v``; ``augment`` sees every batch once and
+training on its output equals training on the transformed data.
 """
 
 from __future__ import annotations
@@ -492,3 +496,195 @@ def test_confusion_matrix_rejects_shape_mismatch(labels, predictions):
 def test_confusion_matrix_rejects_classes_out_of_range(labels, predictions):
     with pytest.raises(ValueError, match=r"0\.\.2"):
         confusion_matrix(labels, predictions, 3)
+
+
+# --------------------------------------------------------------------- train: momentum,
+# learning-rate schedules, augmentation
+
+
+def torch_twin_small(net: Network) -> torch.nn.Sequential:
+    """``small_net`` in torch, float64, with the NumPy weights copied."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ).double()
+    with torch.no_grad():
+        for lin, dense in zip(
+            (model[0], model[2]), (net.layers[0], net.layers[2]), strict=True
+        ):
+            lin.weight.copy_(torch.from_numpy(dense.W.T))
+            lin.bias.copy_(torch.from_numpy(dense.b))
+    return model
+
+
+def numpy_params(net: Network) -> list[np.ndarray]:
+    return [p.copy() for p, _ in net.parameters()]
+
+
+def torch_params(model: torch.nn.Sequential) -> list[np.ndarray]:
+    """In the NumPy order and layout: W (in, out), b, for each dense layer."""
+    out = []
+    for lin in (model[0], model[2]):
+        out += [lin.weight.detach().numpy().T.copy(), lin.bias.detach().numpy().copy()]
+    return out
+
+
+def torch_trajectory(net, X, y, epochs, batch_size, lr, momentum, seed, schedule=None):
+    """The parameters before every step and at the end, trained by torch.optim.SGD on
+    the mini-batches ``train`` draws (the same permutations of the same generator)."""
+    model = torch_twin_small(net)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, dampening=0.0
+    )
+    order_rng = np.random.default_rng(seed)
+    trajectory, step = [], 0
+    for _ in range(epochs):
+        order = order_rng.permutation(len(X))
+        for start in range(0, len(X), batch_size):
+            batch = order[start : start + batch_size]
+            trajectory.append(torch_params(model))
+            if schedule is not None:
+                optimizer.param_groups[0]["lr"] = schedule(step)
+            optimizer.zero_grad()
+            F.cross_entropy(model(t64(X[batch])), torch.tensor(y[batch])).backward()
+            optimizer.step()
+            step += 1
+    return trajectory + [torch_params(model)]
+
+
+@pytest.mark.parametrize(
+    "momentum, use_schedule", [(0.0, False), (0.5, False), (0.9, False), (0.9, True)]
+)
+def test_train_momentum_and_schedule_follow_torch_sgd_step_by_step(
+    momentum, use_schedule
+):
+    X, y = blobs(4, seed=21)  # 12 examples: batches of 5, 5, 2
+    epochs, batch_size, lr, seed = 3, 5, 0.2, 7
+    lrs = [0.3, 0.1, 0.05, 0.2, 0.0, 0.15, 0.1, 0.02, 0.4]  # one per step
+
+    net = small_net(22)
+    expected = torch_trajectory(
+        net,
+        X,
+        y,
+        epochs,
+        batch_size,
+        lr,
+        momentum,
+        seed,
+        schedule=lrs.__getitem__ if use_schedule else None,
+    )
+    trajectory = []
+
+    def schedule(step: int) -> float:
+        # called once per step, after the gradient and before the update
+        trajectory.append(numpy_params(net))
+        return lrs[step] if use_schedule else lr
+
+    train(
+        net,
+        X,
+        y,
+        X,
+        y,
+        epochs,
+        batch_size,
+        lr,
+        seed,
+        momentum=momentum,
+        lr_schedule=schedule,
+    )
+    trajectory.append(numpy_params(net))
+
+    assert len(trajectory) == len(expected) == epochs * 3 + 1
+    for ours, theirs in zip(trajectory, expected, strict=True):
+        for p, q in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(p, q, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(trajectory[0][0], trajectory[-1][0])  # it did move
+
+
+def test_train_momentum_by_hand_on_the_bias():
+    # zero inputs: only the bias learns; every example has label 0, so every step's
+    # gradient is dL/db = softmax(b) - (1, 0), and v = m v + g, b -= lr v
+    net = Network([Dense(1, 2, rng(23))])
+    X, y = np.zeros((4, 1)), np.zeros(4, dtype=np.int64)
+    lr, m = 0.1, 0.5
+    b, v = np.zeros(2), np.zeros(2)
+    for _ in range(3):
+        v = m * v + (np.exp(b) / np.exp(b).sum() - np.array([1.0, 0.0]))
+        b = b - lr * v
+    W = net.layers[0].W.copy()
+    train(net, X, y, X, y, epochs=3, batch_size=4, lr=lr, momentum=m)
+    np.testing.assert_allclose(net.layers[0].b, b, rtol=1e-14)
+    np.testing.assert_array_equal(net.layers[0].W, W)  # dW = x^T g = 0
+
+
+def test_train_schedule_step_counter_runs_over_the_whole_run():
+    X, y = blobs(4, seed=24)  # 12 examples, batches of 5: 3 steps per epoch
+    steps = []
+
+    def schedule(step: int) -> float:
+        steps.append(step)
+        return 0.1
+
+    train(small_net(), X, y, X, y, epochs=4, batch_size=5, lr_schedule=schedule)
+    assert steps == list(range(12))  # not restarted at every epoch
+
+
+def test_train_schedule_replaces_lr():
+    X, y = blobs(4, seed=25)
+
+    def run(**kwargs):
+        net = small_net(26)
+        history = train(net, X, y, X, y, epochs=2, batch_size=5, **kwargs)
+        return history, numpy_params(net)
+
+    (h1, p1), (h2, p2) = (
+        run(lr=0.1, lr_schedule=lambda s: 0.05),
+        run(lr=9.0, lr_schedule=lambda s: 0.05),
+    )
+    h3, p3 = run(lr=0.05)
+    assert h1 == h2 == h3
+    for a, b, c in zip(p1, p2, p3, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    # a schedule of zeros leaves every weight where it started
+    net = small_net(27)
+    before = numpy_params(net)
+    train(net, X, y, X, y, epochs=2, batch_size=5, lr_schedule=lambda s: 0.0)
+    for a, b in zip(numpy_params(net), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_augment_gets_every_batch_once_and_its_output_is_trained_on():
+    X, y = blobs(4, seed=28)  # 12 examples: batches of 5, 5, 2
+    calls = []
+
+    def augment(batch: np.ndarray, generator: np.random.Generator) -> np.ndarray:
+        assert isinstance(generator, np.random.Generator)
+        calls.append(batch.copy())
+        return batch + 1.0
+
+    net = small_net(29)
+    history = train(net, X, y, X, y, epochs=2, batch_size=5, seed=3, augment=augment)
+    assert [len(c) for c in calls] == [5, 5, 2] * 2  # once per batch, not in evaluation
+    order = np.random.default_rng(3)  # train's generator: augment used none of it
+    for epoch in range(2):
+        rows = order.permutation(len(X))
+        batches = calls[3 * epoch : 3 * epoch + 3]
+        np.testing.assert_array_equal(np.concatenate(batches), X[rows])
+
+    # the same run on the shifted data, without augment, ends with the same weights
+    reference = small_net(29)
+    train(reference, X + 1.0, y, X, y, epochs=2, batch_size=5, seed=3)
+    for a, b in zip(numpy_params(net), numpy_params(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # the history is measured on the data as given, without augmentation
+    loss, _ = softmax_cross_entropy(net.forward(X), y)
+    assert history["loss"][-1] == pytest.approx(loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.0, 1.5, float("nan")])
+def test_train_rejects_bad_momentum(momentum):
+    X, y = blobs(2, seed=30)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        train(small_net(), X, y, X, y, momentum=momentum)

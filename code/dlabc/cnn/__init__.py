@@ -1,1 +1,2 @@
-"""Part "CNNs": convolution and pooling, CNN classifiers, convolution variants, ResNet and the classics, U-Net."""
+"""Part "CNNs": convolution and pooling, CNN classifiers, convolution variants,
+ResNet and the classic architectures, U-Net."""
