@@ -8,6 +8,8 @@ stopping, SAM's two loss evaluations per step; with ``evaluate_train=False`` the
 run without the pass over the training set). With ``autocast_dtype=torch.bfloat16``
 the training forward runs in bfloat16 (seen by a forward hook) while the weights, their
 gradients and the evaluation stay float32, and the run follows the float32 one closely.
+``train_steps`` is checked against ``fit`` (the same batches give the same weights),
+against hand-written SGD steps on a stream of batches, and for when it evaluates.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlabc.foundations.optimizers import SAM, SGD, Adam, Lookahead
-from dlabc.train import History, evaluate, fit, minibatches, set_lr
+from dlabc.train import (
+    History,
+    endless_minibatches,
+    evaluate,
+    fit,
+    minibatches,
+    set_lr,
+    train_steps,
+)
 
 
 def data(n: int = 24, d: int = 4, classes: int = 3, seed: int = 0):
@@ -558,3 +568,131 @@ def test_autocast_dtype_must_be_a_torch_dtype(bad):
             autocast_dtype=bad,
         )
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
+
+
+# --------------------------------------------------------------------- train_steps
+
+
+def test_endless_minibatches_are_epochs_of_minibatches():
+    stream = endless_minibatches(10, 4, torch.Generator().manual_seed(3))
+    batches = [next(stream) for _ in range(9)]  # three epochs of sizes 4, 4, 2
+    assert [len(b) for b in batches] == [4, 4, 2] * 3
+    for epoch in range(3):
+        rows = torch.cat(batches[3 * epoch : 3 * epoch + 3])
+        assert sorted(rows.tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="batch_size"):
+        endless_minibatches(10, 0)
+
+
+def test_train_steps_equals_fit_on_the_same_batches():
+    X, y = data()
+    net_fit, net_steps = model(), model()
+    schedule = [0.3, 0.2, 0.1, 0.05, 0.3, 0.2]
+    fit_history = fit(
+        net_fit,
+        torch.optim.SGD(net_fit.parameters(), lr=1.0, momentum=0.9),
+        (X, y),
+        epochs=2,
+        batch_size=8,
+        lr_schedule=schedule.__getitem__,
+        clip_norm=0.5,
+        seed=4,
+    )
+    history = train_steps(
+        net_steps,
+        torch.optim.SGD(net_steps.parameters(), lr=1.0, momentum=0.9),
+        endless_minibatches(len(X), 8, torch.Generator().manual_seed(4)),
+        lambda net, index: F.cross_entropy(net(X[index]), y[index]),
+        steps=6,
+        lr_schedule=schedule.__getitem__,
+        clip_norm=0.5,
+    )
+    for p, q in zip(net_fit.parameters(), net_steps.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert history.step_loss == fit_history.step_loss
+    assert history.lr == schedule
+    assert history.eval_steps == [] and history.metrics == {}
+
+
+def test_train_steps_takes_one_sgd_step_per_batch_of_a_stream():
+    X, y = data()
+    net = model()
+    reference = copy.deepcopy(net)
+    lr = 0.1
+    batches = [(X[:5], y[:5]), (X[5:12], y[5:12]), (X[12:], y[12:])]
+    train_steps(
+        net,
+        torch.optim.SGD(net.parameters(), lr=lr),
+        iter(batches),
+        lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]),
+        steps=3,
+    )
+    params = list(reference.parameters())
+    for xb, yb in batches:
+        grads = torch.autograd.grad(F.cross_entropy(reference(xb), yb), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p -= lr * g
+    for p, q in zip(net.parameters(), params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_train_steps_evaluates_before_every_k_steps_and_at_the_end():
+    X, y = data()
+    net = model()
+    modes = []
+
+    def evaluate_fn(m: nn.Module) -> dict[str, float]:
+        modes.append((m.training, torch.is_grad_enabled()))
+        loss, accuracy = evaluate(m, X, y)
+        return {"loss": loss, "accuracy": accuracy}
+
+    history = train_steps(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.5),
+        endless_minibatches(len(X), 6),
+        lambda m, index: F.cross_entropy(m(X[index]), y[index]),
+        steps=7,
+        evaluate_every=3,
+        evaluate_fn=evaluate_fn,
+    )
+    assert history.eval_steps == [0, 3, 6, 7]
+    assert set(history.metrics) == {"loss", "accuracy"}
+    assert len(history.metrics["loss"]) == 4 and len(history.step_loss) == 7
+    assert modes == [(False, False)] * 4
+    assert net.training  # the training mode is restored after each evaluation
+    assert history.metrics["loss"][-1] == pytest.approx(evaluate(net, X, y)[0])
+    assert history.metrics["loss"][-1] < history.metrics["loss"][0]
+
+
+def test_train_steps_rejects_bad_input():
+    X, y = data()
+    net = model()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def loss(m, index):
+        return F.cross_entropy(m(X[index]), y[index])
+
+    stream = endless_minibatches(len(X), 4)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        train_steps(lambda x: x, sgd, stream, loss, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        train_steps(net, sgd, stream, loss, steps=0)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        train_steps(net, sgd, stream, None, steps=1)
+    with pytest.raises(ValueError, match="clip_norm"):
+        train_steps(net, sgd, stream, loss, steps=1, clip_norm=-1.0)
+    with pytest.raises(TypeError, match="optimizer must have step"):
+        train_steps(net, object(), stream, loss, steps=1)
+    with pytest.raises(ValueError, match="given together"):
+        train_steps(net, sgd, stream, loss, steps=1, evaluate_every=2)
+    with pytest.raises(ValueError, match="evaluate_every"):
+        train_steps(net, sgd, stream, loss, steps=1, evaluate_every=0, evaluate_fn=dict)
+    with pytest.raises(ValueError, match="ran out after 2 batches"):
+        train_steps(net, sgd, iter(minibatches(len(X), 12)), loss, steps=3)
+    with pytest.raises(TypeError, match="must return a dict"):
+        train_steps(
+            net, sgd, stream, loss, steps=1, evaluate_every=1, evaluate_fn=lambda m: 1.0
+        )
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_steps(nn.ReLU(), sgd, stream, loss, steps=1)
