@@ -504,10 +504,14 @@ def test_train_char_lm_learns_a_periodic_text():
         warmup_steps=5,
         eval_every=20,
     )
-    assert history.steps == [0, 20, 40, 60]
+    assert history.eval_steps == [0, 20, 40, 60]
     assert len(history.step_loss) == len(history.lr) == 60
-    assert abs(history.valid_loss[0] - math.log(7)) < 0.3  # untrained: about uniform
-    assert history.valid_loss[-1] < 0.1  # the next letter of the cycle is certain
+    assert (
+        abs(history.metrics["valid_loss"][0] - math.log(7)) < 0.3
+    )  # untrained: about uniform
+    assert (
+        history.metrics["valid_loss"][-1] < 0.1
+    )  # the next letter of the cycle is certain
     expected = [warmup_cosine(s, 2e-2, 5, 60) for s in range(60)]
     assert history.lr == pytest.approx(expected)
     assert sample(model, vocab, "abc", 11, temperature=0) == "defgabcdefg"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,15 +30,13 @@ from torch import nn
 
 from dlabc.checks import check_number, check_positive_int, check_tensor
 from dlabc.foundations.optimizers import warmup_cosine
-from dlabc.foundations.training_techniques import clip_grad_norm
-from dlabc.train import set_lr
+from dlabc.train import History, train_steps
 
 __all__ = [
     "CharVocab",
     "batches",
     "CharLSTM",
     "evaluate_loss",
-    "LMHistory",
     "train_char_lm",
     "sample",
     "unigram_log_probs",
@@ -257,17 +254,6 @@ def evaluate_loss(
     return float(total) / (streams * (length - 1))
 
 
-@dataclass
-class LMHistory:
-    """What :func:`train_char_lm` measured: the training loss of every step, and the
-    validation loss at the steps in ``steps`` (after that many updates)."""
-
-    step_loss: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    valid_loss: list[float] = field(default_factory=list)
-
-
 def train_char_lm(
     model: CharLSTM,
     train_ids: torch.Tensor,
@@ -281,15 +267,17 @@ def train_char_lm(
     clip_norm: float = 1.0,
     eval_every: int = 50,
     seed: int = 0,
-) -> LMHistory:
+) -> History:
     """Train ``model`` with Adam on random windows of ``train_ids`` for ``steps`` steps.
 
-    Every step: a batch from :func:`batches`, the mean cross-entropy of all
-    ``batch_size * seq_len`` predictions, back-propagation through the window,
-    gradients clipped to global norm ``clip_norm`` (recurrent nets need it), and an
-    Adam step at a learning rate that warms up for ``warmup_steps`` and then follows a
-    cosine to zero. Before the first step, every ``eval_every`` steps and after the
-    last, :func:`evaluate_loss` measures the loss on ``valid_ids``.
+    Every step (run by :func:`dlabc.train.train_steps`): a batch from :func:`batches`,
+    the mean cross-entropy of all ``batch_size * seq_len`` predictions,
+    back-propagation through the window, gradients clipped to global norm
+    ``clip_norm`` (recurrent nets need it), and an Adam step at a learning rate that
+    warms up for ``warmup_steps`` and then follows a cosine to zero. Before the first
+    step, every ``eval_every`` steps and after the last, :func:`evaluate_loss`
+    measures the loss on ``valid_ids``: ``history.metrics["valid_loss"]`` at the step
+    counts ``history.eval_steps``.
     """
     if not isinstance(model, CharLSTM):
         raise TypeError(f"model must be a CharLSTM, got {type(model).__name__}")
@@ -301,34 +289,27 @@ def train_char_lm(
         raise ValueError(
             f"warmup_steps ({warmup_steps}) must be less than steps ({steps})"
         )
-    check_positive_int(eval_every, "eval_every")
     check_number(lr, "lr", low=0, low_open=True)
-    check_number(clip_norm, "clip_norm", low=0, low_open=True)
     device = _model_device(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    history = LMHistory()
 
-    def validate(step: int) -> None:
-        history.steps.append(step)
-        history.valid_loss.append(evaluate_loss(model, valid_ids))
+    def loss_fn(model: CharLSTM, batch: tuple[torch.Tensor, torch.Tensor]):
+        x, y = (t.to(device) for t in batch)  # (B, T) each
+        logits, _ = model(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
-    model.train()
-    validate(0)
-    windows = batches(train_ids, batch_size, seq_len, steps, generator)
-    for step, (x, y) in enumerate(windows, start=1):
-        set_lr(optimizer, warmup_cosine(step - 1, lr, warmup_steps, steps))
-        logits, _ = model(x.to(device))  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        clip_grad_norm(model.parameters(), clip_norm)
-        optimizer.step()
-        history.step_loss.append(loss.item())
-        history.lr.append(optimizer.param_groups[0]["lr"])
-        if step % eval_every == 0 or step == steps:
-            validate(step)
-    return history
+    return train_steps(
+        model,
+        torch.optim.Adam(model.parameters(), lr=lr),
+        batches(
+            train_ids, batch_size, seq_len, steps, torch.Generator().manual_seed(seed)
+        ),
+        loss_fn,
+        steps=steps,
+        lr_schedule=lambda step: warmup_cosine(step, lr, warmup_steps, steps),
+        clip_norm=clip_norm,
+        evaluate_every=eval_every,
+        evaluate_fn=lambda model: {"valid_loss": evaluate_loss(model, valid_ids)},
+    )
 
 
 def sample(

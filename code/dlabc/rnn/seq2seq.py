@@ -33,8 +33,7 @@ from torch import nn
 
 from dlabc.checks import check_number, check_positive_int, check_tensor
 from dlabc.foundations.optimizers import cosine
-from dlabc.foundations.training_techniques import clip_grad_norm
-from dlabc.train import minibatches, set_lr
+from dlabc.train import endless_minibatches, train_steps
 
 __all__ = [
     "PAD",
@@ -586,9 +585,9 @@ def train_seq2seq(
 ) -> list[float]:
     """Teacher forcing with Adam, a cosine learning-rate schedule and gradient clipping.
 
-    A short loop rather than :func:`dlabc.train.fit`, which expects one class label
-    per example: here the label is a sequence, and the model also reads it, shifted,
-    as its input. Returns the loss of every step.
+    The loop is :func:`dlabc.train.train_steps` over shuffled mini-batches of the
+    pairs; the loss of a batch is :func:`sequence_loss` of the logits the model gives
+    when it reads the target, shifted, as its input. Returns the loss of every step.
     """
     if not isinstance(model, Seq2Seq):
         raise TypeError(f"model must be a Seq2Seq, got {type(model).__name__}")
@@ -597,24 +596,22 @@ def train_seq2seq(
     check_positive_int(steps, "steps")
     check_positive_int(batch_size, "batch_size")
     check_number(lr, "lr", low=0, low_open=True)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
-    model.train()
-    losses: list[float] = []
-    while len(losses) < steps:
-        for index in minibatches(len(src), batch_size, generator):
-            if len(losses) == steps:
-                break
-            index = index.to(src.device)
-            set_lr(optimizer, cosine(len(losses), lr, steps))
-            optimizer.zero_grad()
-            logits, _ = model(src[index], tgt[index])  # (b, T, V)
-            loss = sequence_loss(logits, tgt[index])
-            loss.backward()
-            clip_grad_norm(model.parameters(), clip_norm)
-            optimizer.step()
-            losses.append(loss.item())
-    return losses
+
+    def loss_fn(model: Seq2Seq, index: torch.Tensor) -> torch.Tensor:
+        index = index.to(src.device)
+        logits, _ = model(src[index], tgt[index])  # (b, T, V)
+        return sequence_loss(logits, tgt[index])
+
+    history = train_steps(
+        model,
+        torch.optim.Adam(model.parameters(), lr=lr, foreach=True),
+        endless_minibatches(len(src), batch_size, torch.Generator().manual_seed(seed)),
+        loss_fn,
+        steps=steps,
+        lr_schedule=lambda step: cosine(step, lr, steps),
+        clip_norm=clip_norm,
+    )
+    return history.step_loss
 
 
 @torch.no_grad()

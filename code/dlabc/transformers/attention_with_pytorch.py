@@ -17,12 +17,14 @@ is the transpose of the paper's $W^Q$. Masks follow the previous chapter: boolea
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dlabc.checks import check_positive_int, check_tensor
+from dlabc.train import train_steps
 from dlabc.transformers.attention_from_scratch import (
     check_mask,
     expand_mask_for_heads,
@@ -244,7 +246,11 @@ def train_reverse(
     lr: float = 3e-3,
     generator: torch.Generator | None = None,
 ) -> list[float]:
-    """Train ``model`` with Adam on fresh reversal batches; return the loss per step."""
+    """Train ``model`` with Adam on fresh reversal batches; return the loss per step.
+
+    The loop is the book's :func:`dlabc.train.train_steps`, over an endless stream of
+    new random sequences.
+    """
     if not isinstance(model, ReverseModel):
         raise TypeError(
             f"train_reverse expects a ReverseModel, got {type(model).__name__}"
@@ -255,20 +261,20 @@ def train_reverse(
         raise ValueError(f"lr must be positive, got {lr}")
     device = model.readout.weight.device
     vocab_size = model.readout.out_features
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        tokens, targets = reverse_task(
-            batch_size, model.seq_len, vocab_size, generator, device
-        )
+
+    def fresh_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield reverse_task(batch_size, model.seq_len, vocab_size, generator, device)
+
+    def loss_fn(model: ReverseModel, batch: tuple[torch.Tensor, torch.Tensor]):
+        tokens, targets = batch  # (B, T) each
         logits, _ = model(tokens)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    return train_steps(
+        model, optimizer, fresh_batches(), loss_fn, steps=steps
+    ).step_loss
 
 
 @torch.no_grad()
