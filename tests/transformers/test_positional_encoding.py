@@ -35,6 +35,7 @@ from dlabc.transformers.positional_encoding import (
     PositionTaskModel,
     ScaledEmbedding,
     SinusoidalPositionalEncoding,
+    angular_frequencies,
     equivariance_error,
     position_blind_accuracy,
     rotation_matrix,
@@ -48,6 +49,21 @@ F32 = dict(atol=2e-6, rtol=0)  # float32 values of sines and cosines
 F64 = dict(atol=1e-10, rtol=0)
 
 # ------------------------------------------------------------- the sinusoidal table
+
+
+@pytest.mark.parametrize("d_model, base", [(2, 10000.0), (8, 10000.0), (12, 500.0)])
+def test_angular_frequencies_closed_form(d_model, base):
+    expected = [1 / base ** (2 * i / d_model) for i in range(d_model // 2)]
+    got = angular_frequencies(d_model, base)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_angular_frequencies_rejects_bad_input():
+    with pytest.raises(ValueError, match="d_model must be even"):
+        angular_frequencies(7)
+    with pytest.raises(ValueError, match="base"):
+        angular_frequencies(8, base=1.0)
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from dlabc.transformers.attention_with_pytorch import (
 )
 
 __all__ = [
+    "angular_frequencies",
     "sinusoidal_encoding",
     "wavelengths",
     "rotation_matrix",
@@ -63,8 +64,13 @@ def _check_base(base: object) -> float:
     return check_number(base, "base", low=1, low_open=True)
 
 
-def _angular_frequencies(d_model: int, base: float) -> torch.Tensor:
-    r"""$\omega_i = \mathrm{base}^{-2i/d}$ for $i = 0 \dots d/2 - 1$, float64."""
+def angular_frequencies(d_model: int, base: float = 10000.0) -> torch.Tensor:
+    r"""$\omega_i = \mathrm{base}^{-2i/d}$ for $i = 0 \dots d/2 - 1$, float64.
+
+    The frequencies of the sinusoidal encoding, and of rotary embeddings (RoPE).
+    """
+    _check_d_model(d_model)
+    _check_base(base)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64)  # (d/2,): 0, 2, 4, ...
     return base ** (-two_i / d_model)  # (d/2,)
 
@@ -82,7 +88,7 @@ def sinusoidal_encoding(
     _check_d_model(d_model)
     base = _check_base(base)
     positions = torch.arange(max_len, dtype=torch.float64)  # (max_len,)
-    angles = positions[:, None] * _angular_frequencies(d_model, base)  # (max_len, d/2)
+    angles = positions[:, None] * angular_frequencies(d_model, base)  # (max_len, d/2)
     pe = torch.stack([angles.sin(), angles.cos()], dim=-1)  # (max_len, d/2, 2)
     return pe.flatten(1).float()  # (max_len, d): sin, cos, sin, cos, ...
 
@@ -95,7 +101,7 @@ def wavelengths(d_model: int, base: float = 10000.0) -> torch.Tensor:
     """
     _check_d_model(d_model)
     base = _check_base(base)
-    return 2 * math.pi / _angular_frequencies(d_model, base)  # (d/2,)
+    return 2 * math.pi / angular_frequencies(d_model, base)  # (d/2,)
 
 
 def rotation_matrix(k: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
@@ -112,7 +118,7 @@ def rotation_matrix(k: int, d_model: int, base: float = 10000.0) -> torch.Tensor
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     _check_d_model(d_model)
     base = _check_base(base)
-    angle = k * _angular_frequencies(d_model, base)  # (d/2,)
+    angle = k * angular_frequencies(d_model, base)  # (d/2,)
     cos, sin = angle.cos(), angle.sin()
     # (d/2, 2, 2): [[cos, -sin], [sin, cos]] for each frequency
     blocks = torch.stack(
@@ -136,7 +142,7 @@ def similarity_by_offset(
         raise TypeError(f"offsets must be a real tensor, got dtype {offsets.dtype}")
     _check_d_model(d_model)
     base = _check_base(base)
-    omega = _angular_frequencies(d_model, base).to(offsets.device)  # (d/2,)
+    omega = angular_frequencies(d_model, base).to(offsets.device)  # (d/2,)
     # (..., d/2) -> (...)
     return torch.cos(offsets.double()[..., None] * omega).sum(-1)
 

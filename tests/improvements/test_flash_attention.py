@@ -1,0 +1,175 @@
+"""Tests for ``dlabc.improvements.flash_attention``.
+
+The tiled forward pass and the recomputing backward pass must equal PyTorch's
+``F.scaled_dot_product_attention`` (output and the gradients of q, k, v) in float64,
+causal and not, for many shapes, including lengths the block sizes do not divide and
+T_q != T_k; ``gradcheck`` compares the backward with finite differences. The returned
+log-sum-exp equals ``torch.logsumexp`` of the masked scores. The online softmax equals
+``torch.softmax``; the block counts equal a brute-force count over the causal mask.
+``peak_memory`` must see a tensor it allocates. Bad input fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlabc.improvements.flash_attention import (
+    count_blocks,
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_forward,
+    online_softmax,
+    peak_memory,
+)
+
+SHAPES = [  # (batch dims, T_q, T_k, d, d_v, block_q, block_k)
+    ((2, 3), 37, 37, 16, 16, 8, 8),
+    ((1,), 100, 100, 32, 32, 32, 16),
+    ((2, 1), 19, 45, 8, 12, 4, 16),
+    ((1, 4), 64, 30, 16, 8, 16, 64),
+    ((), 1, 1, 4, 4, 3, 3),
+    ((3,), 50, 50, 8, 8, 64, 64),
+    ((2,), 33, 17, 5, 7, 1, 5),
+]
+
+
+def qkv(batch, t_q, t_k, d, d_v, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, t_q, d, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(*batch, t_k, d, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(*batch, t_k, d_v, generator=g, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_gradients_equal_sdpa(shape, causal):
+    batch, t_q, t_k, d, d_v, b_q, b_k = shape
+    q, k, v = qkv(batch, t_q, t_k, d, d_v)
+    ours = flash_attention(q, k, v, b_q, b_k, causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    grad_out = torch.randn_like(ours)
+    grads = torch.autograd.grad(ours, (q, k, v), grad_out)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_lse_is_the_logsumexp_of_the_scores(shape, causal):
+    batch, t_q, t_k, d, d_v, b_q, b_k = shape
+    q, k, v = qkv(batch, t_q, t_k, d, d_v)
+    _, lse = flash_attention_forward(q, k, v, b_q, b_k, causal)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+    if causal:
+        hidden = torch.ones(t_q, t_k, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck(causal):
+    q, k, v = qkv((1, 2), 9, 11, 4, 3)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: flash_attention(q, k, v, 4, 3, causal), (q, k, v)
+    )
+
+
+def test_float32_agrees_with_sdpa():
+    q, k, v = qkv((2, 2), 70, 70, 32, 32, dtype=torch.float32)
+    for causal in (False, True):
+        ours = flash_attention(q, k, v, 16, 32, causal)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 100, 1000])
+@pytest.mark.parametrize("shape", [(5,), (4, 37), (2, 3, 100)])
+def test_online_softmax_equals_softmax(shape, chunk):
+    x = torch.randn(*shape, dtype=torch.float64) * 50
+    torch.testing.assert_close(
+        online_softmax(x, chunk), torch.softmax(x, -1), rtol=1e-12, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize(
+    "t_q, t_k, b_q, b_k", [(100, 100, 16, 16), (1000, 1000, 128, 128), (30, 70, 8, 5)]
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_count_blocks_by_brute_force(t_q, t_k, b_q, b_k, causal):
+    visible = torch.ones(t_q, t_k, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    skipped = masked = total = 0
+    for q0 in range(0, t_q, b_q):
+        for k0 in range(0, t_k, b_k):
+            tile = visible[q0 : q0 + b_q, k0 : k0 + b_k]
+            total += 1
+            skipped += not tile.any()
+            masked += bool(tile.any() and not tile.all())
+    counts = count_blocks(t_q, t_k, b_q, b_k, causal)
+    assert counts == {
+        "total": total,
+        "computed": total - skipped,
+        "skipped": skipped,
+        "masked": masked,
+    }
+
+
+def test_causal_square_blocks_closed_form():
+    n = 8
+    counts = count_blocks(64 * n, 64 * n, 64, 64, True)
+    assert counts["computed"] == n * (n + 1) // 2 and counts["masked"] == n
+
+
+def test_peak_memory_sees_an_allocation():
+    n_bytes = 40_000_000
+    peak = peak_memory(lambda: torch.ones(n_bytes // 4))
+    assert n_bytes * 0.9 < peak < n_bytes * 1.5
+
+
+def test_bad_input():
+    q = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="block_q must be positive"):
+        flash_attention(q, q, q, 0, 4)
+    with pytest.raises(ValueError, match="block_k must be positive"):
+        flash_attention_forward(q, q, q, 4, -1)
+    with pytest.raises(TypeError, match="block_q must be an int"):
+        flash_attention(q, q, q, 2.0, 4)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        flash_attention(q, q, q, 2, 4, causal=1)
+    with pytest.raises(TypeError, match="q must be a floating-point"):
+        flash_attention(q.long(), q, q)
+    with pytest.raises(TypeError, match="share one dtype"):
+        flash_attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="same feature size"):
+        flash_attention(q, torch.randn(2, 5, 3), q)
+    with pytest.raises(ValueError, match="same length T_k"):
+        flash_attention(q, q, torch.randn(2, 6, 4))
+    with pytest.raises(ValueError, match="leading"):
+        flash_attention(q, torch.randn(3, 5, 4), torch.randn(3, 5, 4))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        flash_attention(torch.randn(4), q, q)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        flash_attention(q, [1.0], q)
+    out, lse = flash_attention_forward(q, q, q)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        flash_attention_backward(q, q, q, out, lse[..., :-1], out)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        flash_attention_backward(q, q, q, out, lse, out[:1])
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        online_softmax(q, 0)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        online_softmax(torch.ones(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="t_q must be positive"):
+        count_blocks(0, 4, 2, 2, False)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        peak_memory(3)
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        peak_memory(lambda: None, "meta")
