@@ -55,6 +55,13 @@ def setup(seed: int = 0, threads: int = 1) -> torch.device:
     # tqdm (imported by transformers) warns in Jupyter without ipywidgets; its text
     # progress bars work, and the book's pages must not show the warning
     warnings.filterwarnings("ignore", message="IProgress not found")
+    # peft 0.21 calls a transformers 5 method that transformers deprecated in favour of a
+    # new name; the warning is about peft's code, not the reader's
+    warnings.filterwarnings(
+        "ignore",
+        message="`is_gradient_checkpointing` is deprecated",
+        category=FutureWarning,
+    )
     plot.use_style()
     dev = device()
     name = (

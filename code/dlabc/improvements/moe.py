@@ -210,9 +210,9 @@ class SparseMoE(nn.Module):
     For each token $x$: router probabilities $p = \operatorname{softmax}(x W_r)$, the
     set $\mathcal T$ of the ``top_k`` most probable experts, and
 
-    $$y = \sum_{i \in \mathcal T} g_i\, \mathrm{FFN}_i(x), \qquad
+    $y = \sum_{i \in \mathcal T} g_i\, \mathrm{FFN}_i(x), \qquad
     g_i = p_i \;\text{(Switch)} \;\text{or}\; p_i / \textstyle\sum_{j \in \mathcal T}
-    p_j \;\text{(Mixtral)}.$$
+    p_j \;\text{(Mixtral)}.$
 
     With ``capacity_factor`` $c$, expert $i$ processes at most
     $\lceil c\, k N / E \rceil$ of the $N$ tokens of a call; a dropped assignment
