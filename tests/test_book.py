@@ -110,3 +110,15 @@ def test_glue_rejects_bad_input():
         book.glue("not a name", 1)
     with pytest.raises(ValueError, match="one-element"):
         book.glue("x", torch.zeros(2))
+
+
+def test_synchronize_waits_only_where_work_is_queued(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        torch.cuda, "synchronize", lambda device=None: calls.append(device)
+    )
+    book.synchronize("cpu")  # the CPU has nothing queued: no call
+    book.synchronize(torch.device("cuda", 0))
+    assert calls == [torch.device("cuda", 0)]
+    with pytest.raises((TypeError, RuntimeError)):
+        book.synchronize(3.5)

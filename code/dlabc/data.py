@@ -29,6 +29,7 @@ __all__ = [
     "load_number_words",
     "load_shakespeare",
     "load_shapes_segmentation",
+    "shakespeare_split",
     "train_test_split",
 ]
 
@@ -443,3 +444,21 @@ def load_shakespeare() -> str:
         for path in paths
         for name, lines in speeches(path.read_text(encoding="utf-8"))
     )
+
+
+def shakespeare_split(text: str) -> int:
+    """Where the held-out plays begin in the text of :func:`load_shakespeare`.
+
+    The last two plays, *Romeo and Juliet* and *Timon of Athens*, are the book's
+    validation text: every chapter that trains on Shakespeare trains on ``text[:split]``
+    and measures on ``text[split:]``, so no scene is shared between the two. The split
+    is the first line of *Romeo and Juliet*'s prologue.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    split = text.find("Prologue:\nTwo households, both alike in dignity")
+    if split < 0:
+        raise ValueError(
+            "text has no Romeo and Juliet prologue: pass the text of load_shakespeare()"
+        )
+    return split

@@ -12,6 +12,7 @@ log-sum-exp equals ``torch.logsumexp`` of the masked scores. The online softmax 
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from dlabc.improvements.flash_attention import (
     flash_attention,
     flash_attention_backward,
     flash_attention_forward,
+    memory_and_seconds,
     online_softmax,
     peak_memory,
 )
@@ -134,6 +136,17 @@ def test_peak_memory_sees_an_allocation():
     assert n_bytes * 0.9 < peak < n_bytes * 1.5
 
 
+def test_memory_and_seconds_sees_the_allocation_and_the_wait():
+    def slow_allocation():
+        x = torch.ones(10_000_000)  # 40 MB
+        time.sleep(0.05)
+        return x
+
+    peak, seconds = memory_and_seconds(slow_allocation)
+    assert 40e6 * 0.9 < peak < 40e6 * 1.5
+    assert 0.05 <= seconds < 5
+
+
 def test_bad_input():
     q = torch.randn(2, 5, 4)
     with pytest.raises(ValueError, match="block_q must be positive"):
@@ -173,3 +186,7 @@ def test_bad_input():
         peak_memory(3)
     with pytest.raises(ValueError, match="CPU or CUDA"):
         peak_memory(lambda: None, "meta")
+    with pytest.raises(TypeError, match="fn must be callable"):
+        memory_and_seconds(None)
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        memory_and_seconds(lambda: None, "meta")

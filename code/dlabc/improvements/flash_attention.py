@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "FlashAttention",
     "flash_attention",
     "peak_memory",
+    "memory_and_seconds",
 ]
 
 
@@ -388,3 +390,26 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     peak = _rss_bytes("VmHWM")
     del result
     return max(peak - before, 0)
+
+
+def memory_and_seconds(
+    fn: Callable[[], object], device: torch.device | str = "cpu"
+) -> tuple[int, float]:
+    """The peak memory in bytes (as :func:`peak_memory`) and the wall time in seconds of
+    one call ``fn()``; on CUDA the clock waits for the GPU to finish before and after."""
+    device = torch.device(device)
+    seconds: list[float] = []
+
+    def timed() -> object:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        return result
+
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    return peak_memory(timed, device), seconds[0]
