@@ -12,7 +12,7 @@ ifeq ($(CI),true)
   FRESH ?= 1
 endif
 
-.PHONY: book test colab lint notebooks timings chapter serve clean clean-all help
+.PHONY: book test colab lint notebooks timings claims chapter serve clean clean-all help
 
 help:
 	@echo "make book       build the site into _build/html (strict: any warning or failing cell fails it)"
@@ -21,6 +21,7 @@ help:
 	@echo "make lint       ruff: formatting and lint of code/, tests/, tools/"
 	@echo "make notebooks  regenerate the Colab notebooks book/**/*.ipynb from the chapters"
 	@echo "make timings    execute every chapter from nothing and print the seconds each takes"
+	@echo "make claims     run the chapters under other CPUs' kernels and seeds; report each claim's margin"
 	@echo "make chapter CH=transformers/attention_from_scratch   run one chapter top to bottom"
 	@echo "make serve      serve _build/html on http://127.0.0.1:8000"
 	@echo "make clean      remove the built site and the execution cache; clean-all also removes $(VENV)"
@@ -65,6 +66,11 @@ lint: $(READY)
 
 timings: $(READY)
 	$(PY) tools/timings.py
+
+# Every chapter under other CPUs' kernels (AVX2, baseline) and other seeds: each claim's
+# value and margin (CH=part/name for one chapter; CONFIGS=native,avx2 for fewer runs).
+claims: $(READY)
+	$(PY) tools/claims.py $(if $(CH),book/$(CH).md) $(if $(CONFIGS),--configs $(CONFIGS))
 
 chapter: $(READY)
 	@test -n "$(CH)" || { echo "usage: make chapter CH=transformers/attention_from_scratch" >&2; exit 2; }

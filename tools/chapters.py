@@ -10,6 +10,7 @@ import ast
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 
 import jupytext
@@ -169,3 +170,37 @@ def missing_pieces(paths: list[Path] | None = None) -> list[str]:
                     f"code/dlabc/{name}.py: no chapter book/{name}.md in _toc.yml"
                 )
     return problems
+
+
+def execute(
+    nb: nbformat.NotebookNode | Path,
+    *,
+    workdir: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+) -> tuple[nbformat.NotebookNode, float, str | None]:
+    """Run a chapter (its path, or a notebook) top to bottom in a fresh kernel.
+
+    The one place that sets up ``nbclient`` for the book's tools and tests. ``workdir`` is
+    the kernel's working directory (default: the chapter's folder), ``env`` the kernel's
+    environment (default: this process's). Returns the executed notebook, the seconds it
+    took and ``None``, or the error's last line where a cell raised.
+    """
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    if isinstance(nb, Path):
+        workdir = workdir or nb.parent
+        nb = read(nb)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(workdir or ROOT)}},
+    )
+    start = time.perf_counter()
+    try:
+        client.execute(env=env)
+    except CellExecutionError as err:
+        return nb, time.perf_counter() - start, str(err).strip().splitlines()[-1]
+    return nb, time.perf_counter() - start, None

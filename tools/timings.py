@@ -13,29 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
-
 import chapters
 
 BUDGET_S = 60.0
 
 
-def execute(path: Path, timeout: int = 600) -> tuple[float, str | None]:
+def execute(path: Path) -> tuple[float, str | None]:
     """Run the chapter at ``path`` top to bottom in a fresh kernel; return (seconds, error or None)."""
-    nb = chapters.read(path)
-    client = NotebookClient(
-        nb,
-        timeout=timeout,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent)}},
-    )
-    start = time.perf_counter()
-    try:
-        client.execute()
-    except CellExecutionError as err:
-        return time.perf_counter() - start, str(err).strip().splitlines()[-1]
-    return time.perf_counter() - start, None
+    _, seconds, error = chapters.execute(path)
+    return seconds, error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,18 @@
 """What every chapter calls: set-up and device, showing this package's code, gluing numbers.
 
 A chapter starts with ``device = book.setup()``, shows an implementation with
-``book.show_source(fn)`` (the code on the page *is* the code in ``code/dlabc``), and hands
-every number its prose quotes to the text with ``book.glue(name, value)``.
+``book.show_source(fn)`` (the code on the page *is* the code in ``code/dlabc``), hands
+every number its prose quotes to the text with ``book.glue(name, value)`` (or several at
+once with ``book.glue_all``), and asserts every claim its prose makes about a measurement
+with ``book.claim(statement, value, op, bound)``, which also records the claim's margin for
+``make claims`` (the same chapters under other CPUs' kernels and other seeds).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import operator
 import os
 import random
 import textwrap
@@ -46,6 +51,42 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def seed_offset() -> int:
+    """What ``$DLABC_SEED`` adds to every seed a chapter asks for (0 when unset).
+
+    ``make claims`` sets it to run the chapters under other seeds: a claim that holds only
+    for one seed is luck, not a result.
+    """
+    raw = os.environ.get("DLABC_SEED", "0") or "0"
+    try:
+        offset = int(raw)
+    except ValueError as err:
+        raise ValueError(f"DLABC_SEED must be an integer, got {raw!r}") from err
+    if offset < 0:
+        raise ValueError(f"DLABC_SEED must be non-negative, got {offset}")
+    return offset
+
+
+def seed(k: int = 0) -> int:
+    """Seed Python, NumPy and PyTorch with ``k`` plus ``$DLABC_SEED``; return that seed.
+
+    Chapters call ``book.seed(k)`` wherever they would call ``torch.manual_seed(k)``, and pass
+    its value to functions that take a seed (``train.fit(..., seed=book.seed(1))``), so that
+    one variable moves every random choice a chapter makes.
+    """
+    return _reseed(k)
+
+
+def _reseed(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"seed must be a non-negative int, got {k!r}")
+    value = k + seed_offset()
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    return value
+
+
 def setup(seed: int = 0, threads: int = 1) -> torch.device:
     """Make a chapter reproducible and fast on a small CPU; return the device to compute on.
 
@@ -54,13 +95,9 @@ def setup(seed: int = 0, threads: int = 1) -> torch.device:
     and several threads fighting over busy cores make small matrix products ten times
     slower), and sets the figure style.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    _reseed(seed)
     torch.set_num_threads(threads)
     threadpool_limits(limits=threads)  # NumPy's BLAS; stays in force for the process
     # tqdm (imported by transformers) warns in Jupyter without ipywidgets; its text
@@ -139,3 +176,71 @@ def glue(name: str, value: object) -> None:
         print(f"{name} = {value}")
     else:
         myst_glue(name, value, display=False)
+
+
+def glue_all(values: dict[str, object] | None = None, /, **more: object) -> None:
+    """Glue several values in one call: ``book.glue_all(loss=loss, accuracy=acc)``.
+
+    Keeps the book's plumbing to one line under an experiment; each pair goes through
+    :func:`glue`.
+    """
+    for name, value in {**(values or {}), **more}.items():
+        glue(name, value)
+
+
+class ClaimError(AssertionError):
+    """A claim the chapter's prose makes does not hold for the numbers just computed."""
+
+
+_OPS = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+}
+
+
+def claim(statement: str, value: object, op: str, bound: object) -> None:
+    """Assert ``value op bound``, a claim the prose makes, and record how much room it had.
+
+    ``statement`` says the claim in words (it names the failing claim in the error).
+    ``op`` is one of ``>``, ``>=``, ``<``, ``<=`` (a measurement against a bound) or ``==``
+    (an exact fact). The margin is how far ``value`` is on the right side of ``bound``
+    (negative: the claim fails).
+
+    When ``$DLABC_CLAIMS_LOG`` names a file, each claim is appended to it as a JSON line;
+    ``make claims`` collects them over other CPUs' kernels and other seeds. With
+    ``$DLABC_CLAIMS_KEEP_GOING=1`` a failing claim is recorded instead of raised, so that
+    one run measures every claim of a chapter.
+    """
+    if not isinstance(statement, str) or not statement.strip():
+        raise ValueError("claim: statement must be a non-empty string")
+    if op not in _OPS:
+        raise ValueError(f"claim: op must be one of {sorted(_OPS)}, got {op!r}")
+    value, bound = (
+        v.item() if isinstance(v, (torch.Tensor, np.generic)) else v
+        for v in (value, bound)
+    )
+    holds = bool(_OPS[op](value, bound))
+    if op == "==":
+        margin = 0.0 if holds else None
+    else:
+        margin = float(value) - float(bound)
+        margin = margin if op in (">", ">=") else -margin
+    log = os.environ.get("DLABC_CLAIMS_LOG")
+    if log:
+        record = {
+            "statement": statement,
+            "value": value if isinstance(value, (int, float)) else repr(value),
+            "op": op,
+            "bound": bound if isinstance(bound, (int, float)) else repr(bound),
+            "margin": margin,
+            "holds": holds,
+        }
+        with open(log, "a") as file:
+            file.write(json.dumps(record) + "\n")
+    if not holds and os.environ.get("DLABC_CLAIMS_KEEP_GOING") != "1":
+        raise ClaimError(
+            f"claim does not hold: {statement}: {value!r} {op} {bound!r} is false"
+        )

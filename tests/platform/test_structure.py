@@ -6,6 +6,8 @@ import pytest
 from pybtex.database import parse_file
 
 import chapters
+import prose
+import shown_code
 
 CHAPTERS = chapters.chapters()
 
@@ -78,3 +80,49 @@ def test_every_citation_is_in_the_bibliography():
                 assert key.strip() in keys, (
                     f"{page.name} cites {key!r}, missing from book/references.bib"
                 )
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
+def test_the_code_a_page_shows_is_the_algorithm(chapter):
+    """Argument checks live in constructors and thin entry points the page does not show."""
+    checking, shown = shown_code.measure(chapter)
+    assert shown > 0
+    assert checking <= shown_code.LIMIT * shown, (
+        f"{checking} of the {shown} lines the page shows check arguments "
+        f"(limit {shown_code.LIMIT:.0%}): move them out of the shown objects"
+    )
+
+
+def test_the_check_counter_sees_guards_asserts_and_check_calls():
+    source = '''
+def f(x, n):
+    """Doc."""
+    if n <= 0:
+        raise ValueError("n")
+    x = check_tensor(x, "x", ndim=2)
+    assert x.shape[0] == n
+    return x * n
+'''
+    assert shown_code.check_lines(source) == (4, 7)
+
+
+@pytest.mark.parametrize("page", chapters.pages(), ids=chapters.module_path)
+def test_measured_numbers_in_the_prose_are_glued(page):
+    typed = prose.typed_measurements(page)
+    assert not typed, (
+        "measured results typed by hand (glue them, or cite their source, or allow them "
+        f"with a reason in tools/prose.py): {typed}"
+    )
+
+
+def test_the_prose_check_finds_a_typed_percentage(tmp_path):
+    page = chapters.ROOT / "book" / "foundations" / "ghost.md"
+    text = (
+        "It reached 94 % in {glue:text}`t` s, about $3\\%$ `5 %`.\n\n"
+        "| table | 3 % |\n\nPublished: 3.57 % {cite:p}`he2016deep`. Took 30 s.\n"
+    )
+    try:
+        page.write_text(text)
+        assert [t for _, t in prose.typed_measurements(page)] == ["94 %", "30 s"]
+    finally:
+        page.unlink()

@@ -1,0 +1,198 @@
+"""`make claims`: run the chapters under other CPUs' kernels and other seeds; report every claim.
+
+A chapter asserts what its prose claims with ``book.claim(statement, value, op, bound)``. A
+claim that holds on the machine it was written on can fail on the next one: PyTorch, oneDNN
+and MKL pick kernels by instruction set (other last bits, which training amplifies), and
+another seed draws other weights. This command executes each chapter once per
+configuration, records every claim's value and margin (``$DLABC_CLAIMS_LOG``; failing claims
+are recorded, not raised, so one run measures them all) and prints, per claim, the value
+under each configuration and the smallest margin.
+
+A claim is
+
+- ``FAIL`` where it does not hold under some configuration;
+- ``THIN`` where its smallest margin is less than the spread of its value across the
+  configurations (the next machine or seed may well take it over the edge), or under 5 % of
+  the bound's size;
+- ``ok`` otherwise (``exact`` for ``==`` facts that hold everywhere).
+
+The command exits with 1 when any claim fails or is thin, or a chapter raises.
+
+    python tools/claims.py                       # every chapter, every configuration
+    python tools/claims.py book/cnn/resnet.md --configs native,avx2
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import chapters
+
+#: Each configuration is a set of environment variables for the chapter's kernel.
+CONFIGS: dict[str, dict[str, str]] = {
+    "native": {},
+    # what a reader's CPU without AVX-512 runs (most laptops, Apple silicon under Rosetta)
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+    # PyTorch's portable kernels: no vector instruction set beyond the baseline
+    "default": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+    },
+    "seed1": {"DLABC_SEED": "1"},
+    "seed2": {"DLABC_SEED": "2"},
+}
+THIN_RELATIVE = 0.05
+
+
+def run(path: Path, config: str) -> tuple[list[dict], str | None, float]:
+    """Execute one chapter under one configuration; return its claims, error, seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "claims.jsonl"
+        env = {
+            **os.environ,
+            **CONFIGS[config],
+            "DLABC_CLAIMS_LOG": str(log),
+            "DLABC_CLAIMS_KEEP_GOING": "1",
+        }
+        _, seconds, error = chapters.execute(path, env=env)
+        records = (
+            [json.loads(line) for line in log.read_text().splitlines()]
+            if log.is_file()
+            else []
+        )
+    return records, error, seconds
+
+
+def judge(values: list, margins: list, op: str, bound) -> str:
+    """The verdict on one claim over all configurations (see the module's docstring)."""
+    if any(m is None or m < 0 for m in margins):
+        return "FAIL"
+    if op == "==":
+        return "exact"
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    spread = max(numbers) - min(numbers) if numbers else 0.0
+    smallest = min(margins)
+    size = abs(bound) if isinstance(bound, (int, float)) else 0.0
+    if smallest < spread or (size > 0 and smallest < THIN_RELATIVE * size):
+        return "THIN"
+    return "ok"
+
+
+def report(results: dict, configs: list[str]) -> tuple[list[dict], int]:
+    """One row per claim (chapter, statement, occurrence): values, margins and verdict."""
+    rows, bad = [], 0
+    for chapter, by_config in results.items():
+        keyed: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
+        for config in configs:
+            records, error, _ = by_config[config]
+            if error:
+                rows.append(
+                    {"chapter": chapter, "statement": f"RAISED under {config}: {error}"}
+                )
+                bad += 1
+            seen: dict[str, int] = defaultdict(int)
+            for record in records:
+                key = (record["statement"], seen[record["statement"]])
+                seen[record["statement"]] += 1
+                keyed[key][config] = record
+        for (statement, _), found in keyed.items():
+            missing = [c for c in configs if c not in found]
+            margins = [found[c]["margin"] for c in configs if c in found]
+            values = [found[c]["value"] for c in configs if c in found]
+            first = next(iter(found.values()))
+            verdict = judge(values, margins, first["op"], first["bound"])
+            if missing:
+                verdict = f"MISSING in {','.join(missing)}"
+            bad += verdict not in ("ok", "exact")
+            rows.append(
+                {
+                    "chapter": chapter,
+                    "statement": statement,
+                    "op": first["op"],
+                    "bound": first["bound"],
+                    "values": {c: found[c]["value"] for c in found},
+                    "min_margin": min(
+                        (m for m in margins if m is not None), default=None
+                    ),
+                    "verdict": verdict,
+                }
+            )
+    return rows, bad
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("chapters", nargs="*", type=Path, help="default: all")
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated, from {', '.join(CONFIGS)}",
+    )
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--json", type=Path, default=chapters.ROOT / "_build" / "claims.json"
+    )
+    args = parser.parse_args(argv)
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown}; known: {list(CONFIGS)}")
+    paths = [p.resolve() for p in args.chapters] or chapters.chapters()
+    jobs = [(p, c) for p in paths for c in configs]
+    results: dict[str, dict] = defaultdict(dict)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run, p, c): (p, c) for p, c in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            path, config = futures[future]
+            records, error, seconds = future.result()
+            name = chapters.module_path(path)
+            results[name][config] = (records, error, seconds)
+            print(
+                f"ran {name} [{config}] in {seconds:.0f} s: {len(records)} claims"
+                + (f", RAISED {error}" if error else ""),
+                flush=True,
+            )
+    ordered = {chapters.module_path(p): results[chapters.module_path(p)] for p in paths}
+    rows, bad = report(ordered, configs)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1))
+    print()
+    print("| chapter | claim | " + " | ".join(configs) + " | min margin | verdict |")
+    print("| --- | --- | " + " | ".join("---" for _ in configs) + " | --- | --- |")
+    for row in rows:
+        if "verdict" not in row:
+            print(f"| {row['chapter']} | {row['statement']} |" + " |" * len(configs))
+            continue
+        cells = [_fmt(row["values"].get(c, "-")) for c in configs]
+        claim = f"{row['statement']} ({row['op']} {_fmt(row['bound'])})"
+        print(
+            f"| {row['chapter']} | {claim} | "
+            + " | ".join(cells)
+            + f" | {_fmt(row['min_margin'])} | {row['verdict']} |"
+        )
+    n = sum("verdict" in r for r in rows)
+    print(f"\n{n} claims in {len(paths)} chapters under {len(configs)} configurations;")
+    print(f"{bad} failed, thin or raised. Table saved to {args.json}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
