@@ -16,7 +16,9 @@ A claim is
   the bound's size;
 - ``ok`` otherwise (``exact`` for ``==`` facts that hold everywhere).
 
-The command exits with 1 when any claim fails or is thin, or a chapter raises.
+The command exits with 1 when any claim fails or is thin, or a chapter raises. Each run's
+claims are kept under ``_build/claims/`` with a fingerprint of the chapter and the code it
+imports, so a second ``make claims`` re-runs only the chapters that changed.
 
     python tools/claims.py                       # every chapter, every configuration
     python tools/claims.py book/cnn/resnet.md --configs native,avx2
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import sys
@@ -54,6 +57,39 @@ CONFIGS: dict[str, dict[str, str]] = {
     "seed2": {"DLABC_SEED": "2"},
 }
 THIN_RELATIVE = 0.05
+
+
+STORE = chapters.ROOT / "_build" / "claims"
+
+
+def fingerprint(path: Path) -> str:
+    """Changes when the chapter or any file of ``code/dlabc`` it imports changes."""
+    digest = hashlib.sha256(path.read_bytes())
+    digest.update(chapters.code_hash(path).encode())
+    return digest.hexdigest()
+
+
+def cached_run(path: Path, config: str) -> tuple[list[dict], str | None, float, bool]:
+    """:func:`run`, or its stored result when neither the chapter nor its code changed."""
+    store = STORE / f"{chapters.module_path(path).replace('/', '--')}.{config}.json"
+    key = fingerprint(path)
+    if store.is_file():
+        saved = json.loads(store.read_text())
+        if saved["fingerprint"] == key and not saved["error"]:
+            return saved["records"], None, saved["seconds"], True
+    records, error, seconds = run(path, config)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text(
+        json.dumps(
+            {
+                "fingerprint": key,
+                "records": records,
+                "error": error,
+                "seconds": seconds,
+            }
+        )
+    )
+    return records, error, seconds, False
 
 
 def run(path: Path, config: str) -> tuple[list[dict], str | None, float]:
@@ -159,15 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(p, c) for p in paths for c in configs]
     results: dict[str, dict] = defaultdict(dict)
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run, p, c): (p, c) for p, c in jobs}
+        futures = {pool.submit(cached_run, p, c): (p, c) for p, c in jobs}
         for future in concurrent.futures.as_completed(futures):
             path, config = futures[future]
-            records, error, seconds = future.result()
+            records, error, seconds, reused = future.result()
             name = chapters.module_path(path)
             results[name][config] = (records, error, seconds)
             print(
-                f"ran {name} [{config}] in {seconds:.0f} s: {len(records)} claims"
-                + (f", RAISED {error}" if error else ""),
+                f"{'kept' if reused else 'ran'} {name} [{config}] in {seconds:.0f} s: "
+                f"{len(records)} claims" + (f", RAISED {error}" if error else ""),
                 flush=True,
             )
     ordered = {chapters.module_path(p): results[chapters.module_path(p)] for p in paths}
