@@ -12,7 +12,7 @@ ifeq ($(CI),true)
   FRESH ?= 1
 endif
 
-.PHONY: book test colab lint notebooks timings claims chapter serve clean clean-all help
+.PHONY: system book test colab lint notebooks timings claims chapter serve clean clean-all help
 
 help:
 	@echo "make book       build the site into _build/html (strict: any warning or failing cell fails it)"
@@ -43,16 +43,21 @@ $(MATHJAX):
 	rm -rf $(VENV)/mathjax/static && mkdir -p $(VENV)/mathjax/static
 	cp -r $(VENV)/mathjax/node_modules/mathjax/es5 $(VENV)/mathjax/static/mathjax
 
+# Chromium, Fashion-MNIST and npm from apt where the machine allows (root or sudo); otherwise
+# it says what happens instead (tools/system.sh). Quick when they are there.
+system:
+	@VENV=$(VENV) bash tools/system.sh
+
 notebooks: $(READY)
 	$(PY) tools/notebooks.py
 
-book: $(READY) $(MATHJAX) notebooks
+book: system $(READY) $(MATHJAX) notebooks
 ifeq ($(FRESH),1)
 	rm -rf _build
 endif
 	$(JB) build . --warningiserror --keep-going --builder html
 
-test: $(READY)
+test: system $(READY)
 	$(PY) -m pytest -m "not slow"
 
 # Every chapter's notebook, executed top to bottom like Colab (two kernels at a time): as long

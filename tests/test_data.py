@@ -16,6 +16,7 @@ arrays and the luminance weights of ``rgb2gray``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import inspect
 import os
 
@@ -188,8 +189,26 @@ def read_idx_by_hand(path: str, header: int, count: int | None = None) -> np.nda
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
+def _system_resource_missing(reason: str):
+    """Skip, loudly, where an optional system package is missing; under CI, fail."""
+    message = (
+        f"SYSTEM PACKAGE MISSING, TEST NOT RUN: {reason} (`make test` installs it "
+    )
+    message += "where apt and root or sudo are available: tools/system.sh)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
-def fashion():
+def fashion_package():
+    if not os.path.isfile(os.path.join(FASHION, "t10k-labels-idx1-ubyte.gz")):
+        _system_resource_missing(f"Fashion-MNIST is not installed in {FASHION}")
+    return FASHION
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_package):
     return {split: load_fashion_mnist(split) for split in ("train", "test")}
 
 
@@ -231,7 +250,9 @@ def test_idx_loaders_default_to_the_training_split_and_may_download():
         assert parameters["download"].default is True
 
 
-def test_the_installed_package_is_read_without_touching_the_network(monkeypatch):
+def test_the_installed_package_is_read_without_touching_the_network(
+    monkeypatch, fashion_package
+):
     def no_network(*args, **kwargs):
         raise AssertionError("the loader tried to download")
 
@@ -355,11 +376,22 @@ def test_download_fetches_into_the_cache_and_reads_it(offline, monkeypatch):
     source = offline / "server"
     images, labels = tiny_set(source, "test", n=5, seed=3)
 
-    def fake_urlretrieve(url, path):  # what urllib would do, from a local folder
+    def fake_urlretrieve(url, path, reporthook=None):  # urllib, from a local folder
         urls.append(url)
-        path.write_bytes((source / url.rsplit("/", 1)[1]).read_bytes())
+        data = (source / url.rsplit("/", 1)[1]).read_bytes()
+        path.write_bytes(data)
+        reporthook(1, len(data), len(data))
 
     monkeypatch.setattr(dlabc.data.urllib.request, "urlretrieve", fake_urlretrieve)
+    checksums = {  # the tiny files' own: one as MD5 of the file, one as SHA-256 of content
+        ("mnist", "t10k-images-idx3-ubyte.gz"): hashlib.md5(
+            (source / "t10k-images-idx3-ubyte.gz").read_bytes()
+        ).hexdigest(),
+        ("mnist", "t10k-labels-idx1-ubyte.gz"): hashlib.sha256(
+            gzip.open(source / "t10k-labels-idx1-ubyte.gz").read()
+        ).hexdigest(),
+    }
+    monkeypatch.setattr(dlabc.data, "_CHECKSUMS", checksums)
     X, y = load_mnist("test", download=True)
     base = dlabc.data._IDX_SETS["mnist"][1]
     assert urls == [
@@ -374,8 +406,35 @@ def test_download_fetches_into_the_cache_and_reads_it(offline, monkeypatch):
     np.testing.assert_array_equal(X2, X)
 
 
+def test_a_download_with_the_wrong_checksum_is_refused_and_deleted(
+    offline, monkeypatch, capsys
+):
+    source = offline / "server"
+    tiny_set(source, "test", n=5, seed=3)
+
+    def fake_urlretrieve(url, path, reporthook=None):
+        data = (source / url.rsplit("/", 1)[1]).read_bytes()
+        path.write_bytes(data)
+        reporthook(1, len(data), len(data))
+
+    monkeypatch.setattr(dlabc.data.urllib.request, "urlretrieve", fake_urlretrieve)
+    with pytest.raises(FileNotFoundError, match="published checksum"):
+        load_mnist(
+            "test", download=True
+        )  # the real MNIST checksums: the tiny file fails
+    assert list((offline / "cache" / "mnist").iterdir()) == []
+    assert "downloading t10k-images-idx3-ubyte.gz" in capsys.readouterr().err
+
+
+def test_the_published_checksums_match_the_installed_fashion_mnist(fashion_package):
+    for (name, filename), expected in dlabc.data._CHECKSUMS.items():
+        if name == "fashion-mnist":
+            path = dlabc.data.Path(FASHION) / filename
+            assert dlabc.data._matches_checksum(path, expected), filename
+
+
 def test_a_failed_download_leaves_no_partial_file(offline, monkeypatch):
-    def broken(url, path):
+    def broken(url, path, reporthook=None):
         path.write_bytes(b"half a file")
         raise OSError("no network")
 

@@ -12,10 +12,17 @@
    Its configuration script was also added twice per page, a JavaScript error.
 3. The theme's colour mode starts at "auto" (follows the reader's system), which also stops the
    theme from logging an error about an empty mode on a reader's first visit.
+4. Chapters execute in parallel. myst-nb runs the chapters one after another while it reads
+   them. Before Sphinx reads anything, this extension finds the chapters that have no cached
+   execution, runs them ``$DLABC_JOBS`` at a time (default: one per CPU core; each chapter
+   computes on one thread) exactly as myst-nb would (same notebook reader, same executor),
+   and puts them in myst-nb's cache, where myst-nb then finds them. A chapter that fails
+   here is left to myst-nb, which runs it again and reports its error the usual way.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 from pathlib import Path
@@ -72,12 +79,22 @@ def _state_file(app: Sphinx) -> Path:
     )
 
 
-def _drop_stale_execution(app: Sphinx, docname: str, source: list[str]) -> None:
+def _chapter_path(app: Sphinx, docname: str) -> Path | None:
     path = Path(app.env.doc2path(docname)).resolve()
     if path.suffix != ".md" or not path.is_relative_to(chapters.ROOT / "book"):
-        return
-    for file in chapters.dependencies(path):
-        app.env.note_dependency(str(file))
+        return None
+    return path
+
+
+def _note_code_dependencies(app: Sphinx, docname: str, source: list[str]) -> None:
+    """Sphinx re-reads a chapter when a file of code/dlabc that it imports changes."""
+    path = _chapter_path(app, docname)
+    if path is not None:
+        for file in chapters.dependencies(path):
+            app.env.note_dependency(str(file))
+
+
+def _drop_stale_execution(app: Sphinx, docname: str, path: Path) -> None:
     state_file = _state_file(app)
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     fingerprint = chapters.code_hash(path)
@@ -101,8 +118,71 @@ def _drop_stale_execution(app: Sphinx, docname: str, source: list[str]) -> None:
     state_file.write_text(json.dumps(state, indent=1, sort_keys=True))
 
 
+def _execute(item: tuple[str, Path, object], timeout: int | None):
+    """Run one chapter's notebook the way myst-nb's cache mode does (in its folder)."""
+    from jupyter_cache.executors.utils import single_nb_execution
+
+    docname, path, nb = item
+    result = single_nb_execution(
+        nb,
+        cwd=str(path.parent),
+        allow_errors=False,
+        timeout=timeout,
+        meta_override=True,
+    )
+    return docname, path, nb, result
+
+
+def _execute_in_parallel(app: Sphinx, env, docnames: list[str]) -> None:
+    """Drop stale executions, then run the uncached chapters several at a time."""
+    nb_config = env.mystnb_config
+    chapter_docs = [(d, p) for d in docnames if (p := _chapter_path(app, d))]
+    for docname, path in chapter_docs:
+        _drop_stale_execution(app, docname, path)
+    if nb_config.execution_mode != "cache":
+        return
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    from myst_nb.core.read import create_nb_reader
+
+    cache = get_cache(nb_config.execution_cache_path or ".jupyter_cache")
+    todo = []
+    for docname, path in sorted(chapter_docs):
+        text = path.read_text()
+        reader = create_nb_reader(str(path), env.myst_config, nb_config, text)
+        if reader is None:
+            continue
+        nb = reader.read(text)
+        if not any(c.cell_type == "code" for c in nb.cells):
+            continue
+        try:
+            cache.match_cache_notebook(nb)
+        except KeyError:
+            todo.append((docname, path, nb))
+    jobs = int(os.environ.get("DLABC_JOBS") or os.cpu_count() or 1)
+    if len(todo) < 2 or jobs < 2:
+        return  # nothing to gain: myst-nb runs them as it reads them
+    logger.info(f"[dlabc] executing {len(todo)} chapters, {jobs} at a time")
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [
+            pool.submit(_execute, item, nb_config.execution_timeout) for item in todo
+        ]
+        for future in concurrent.futures.as_completed(futures):
+            docname, path, nb, result = future.result()
+            if result.err is not None:
+                logger.info(f"[dlabc] {docname} failed; myst-nb runs it again")
+                continue
+            cache.cache_notebook_bundle(
+                CacheBundleIn(nb, str(path), data={"execution_seconds": result.time}),
+                check_validity=False,
+                overwrite=True,
+            )
+            logger.info(f"[dlabc] {docname}: executed in {result.time:.1f} s")
+
+
 def setup(app: Sphinx) -> dict:
     app.connect("config-inited", _use_local_mathjax)
-    app.connect("source-read", _drop_stale_execution)
+    app.connect("source-read", _note_code_dependencies)
+    app.connect("env-before-read-docs", _execute_in_parallel, priority=950)
     app.connect("env-before-read-docs", _drop_thebe, priority=900)
     return {"parallel_read_safe": False, "parallel_write_safe": True}

@@ -3,16 +3,19 @@
 Each loader returns NumPy arrays and says exactly what to install when its source is
 missing; nothing is silently replaced by something else. A loader looks where a package
 put the data, then in the cache folder ``~/.cache/dlabc`` (or ``$DLABC_DATA``), and only
-then downloads from the official source into that folder (Colab, a reader's laptop);
-``download=False`` forbids it. The book's build and tests never download: CI installs
-the Debian packages, and the tests that reach the download path pass
-``download=False``.
+then downloads from the official source into that folder (Colab, a reader's laptop, a
+Mac) with a progress line, and keeps the file only if its checksum is the published one;
+``download=False`` forbids it. The book's build and tests never download where the Debian
+packages are installed (``make`` installs them when it can, ``tools/system.sh``), and the
+tests that reach the download path replace the network.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import sys
 import urllib.request
 import zlib
 from pathlib import Path
@@ -64,6 +67,73 @@ _IDX_SETS = {
         None,
     ),
 }
+
+# Checksums of the published files: the MD5 of the .gz file as served (the figures
+# torchvision checks), and the SHA-256 of its decompressed content (the same for Debian's
+# recompressed copy). A download is kept when it matches either.
+_CHECKSUMS = {
+    ("mnist", "train-images-idx3-ubyte.gz"): "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    ("mnist", "train-labels-idx1-ubyte.gz"): "d53e105ee54ea40749a09fcbcd1e9432",
+    ("mnist", "t10k-images-idx3-ubyte.gz"): "9fb629c4189551a2d022fa330f9573f3",
+    ("mnist", "t10k-labels-idx1-ubyte.gz"): "ec29112dd5afa0611ce80d1b7f02629c",
+    ("fashion-mnist", "train-images-idx3-ubyte.gz"): (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+    ),
+    ("fashion-mnist", "train-labels-idx1-ubyte.gz"): (
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+    ),
+    ("fashion-mnist", "t10k-images-idx3-ubyte.gz"): (
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+    ),
+    ("fashion-mnist", "t10k-labels-idx1-ubyte.gz"): (
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+    ),
+}
+
+
+def _matches_checksum(path: Path, expected: str) -> bool:
+    """MD5 of the file (32 hex digits) or SHA-256 of its decompressed content (64)."""
+    if len(expected) == 32:
+        return hashlib.md5(path.read_bytes()).hexdigest() == expected
+    try:
+        with gzip.open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == expected
+    except (OSError, EOFError, zlib.error):
+        return False
+
+
+def _progress(name: str):
+    """A ``reporthook`` for ``urlretrieve`` that prints one updating line to stderr."""
+
+    def hook(blocks: int, block_size: int, total: int) -> None:
+        done = min(blocks * block_size, total) if total > 0 else blocks * block_size
+        size = f" of {total / 2**20:.1f} MB" if total > 0 else ""
+        share = f" ({done / total:4.0%})" if total > 0 else ""
+        end = "\n" if total > 0 and done >= total else ""
+        print(
+            f"\rdownloading {name}: {done / 2**20:.1f}{size}{share}",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return hook
+
+
+def _download(name: str, url: str, path: Path) -> None:
+    """Fetch ``url`` to ``path`` with a progress line; keep it only if its checksum holds."""
+    part = path.with_name(path.name + ".part")
+    try:
+        urllib.request.urlretrieve(url, part, reporthook=_progress(path.name))
+        expected = _CHECKSUMS.get((name, path.name))
+        if expected is not None and not _matches_checksum(part, expected):
+            raise OSError(
+                f"the downloaded {path.name} does not have the published checksum "
+                f"{expected} (a damaged or changed file); it was deleted"
+            )
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -146,9 +216,8 @@ def _load_idx_set(
             cache.mkdir(parents=True, exist_ok=True)
             found = cache / filename
             try:
-                urllib.request.urlretrieve(url + filename, found)
+                _download(name, url + filename, found)
             except OSError as err:
-                found.unlink(missing_ok=True)
                 offline = f"; offline: {install}" if install else ""
                 raise FileNotFoundError(
                     f"{name} is not on this machine and could not download "

@@ -313,63 +313,213 @@ def test_targets_follow_peft_name_rule():
 # ------------------------------------------------------------------ bad input
 
 
-def test_bad_input_fails_clearly():
-    base = nn.Linear(8, 4)
-    with pytest.raises(TypeError, match="r must be an int"):
-        LoRALinear(base, 2.0, 4)
-    with pytest.raises(ValueError, match="r must be positive"):
-        LoRALinear(base, 0, 4)
-    with pytest.raises(ValueError, match="must not exceed min"):
-        LoRALinear(base, 5, 4)
-    with pytest.raises(ValueError, match=r"alpha must be in \(0, inf\)"):
-        LoRALinear(base, 2, 0)
-    with pytest.raises(TypeError, match="alpha must be a number"):
-        lora_scaling(2, "8")
-    with pytest.raises(TypeError, match="rslora must be a bool"):
-        lora_scaling(2, 8, rslora=1)
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        LoRALinear(base, 2, 4, dropout=1.0)
-    with pytest.raises(TypeError, match="base must be an nn.Linear"):
-        LoRALinear(nn.Conv1d(2, 2, 1), 1, 1)
-    layer = LoRALinear(base, 2, 4)
-    with pytest.raises(ValueError, match="in_features=8"):
-        layer(torch.randn(3, 7))
-    with pytest.raises(TypeError, match="floating-point"):
-        layer(torch.ones(3, 8, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="not merged"):
-        layer.unmerge()
+def _merged(layer: LoRALinear) -> LoRALinear:
     layer.merge()
-    with pytest.raises(RuntimeError, match="already merged"):
-        layer.merge()
+    return layer
 
 
-def test_bad_model_arguments_fail_clearly():
-    with pytest.raises(ValueError, match="no module of the model is named like"):
-        apply_lora(mlp(), ["q_proj"], 2, 4)
-    with pytest.raises(TypeError, match="target_names must be a list"):
-        apply_lora(mlp(), "0", 2, 4)
-    with pytest.raises(ValueError, match="target_names must be non-empty"):
-        apply_lora(mlp(), [], 2, 4)
-    with pytest.raises(TypeError, match="wraps nn.Linear only"):
-        apply_lora(mlp(), ["1"], 2, 4)  # the ReLU
-    with pytest.raises(ValueError, match="r must be positive"):
-        apply_lora(mlp(), ["0"], -1, 4)
-    model = apply_lora(mlp(), ["0"], 2, 4)
-    with pytest.raises(ValueError, match="already has a LoRA adapter"):
-        apply_lora(model, ["0"], 2, 4)
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
-        trainable_parameters("model")
-    with pytest.raises(ValueError, match="no LoRA layers"):
-        merge_and_unload(mlp())
-    with pytest.raises(ValueError, match="no LoRA layers"):
-        adapter_state(mlp())
-    state = adapter_state(model)
-    with pytest.raises(ValueError, match="missing"):
-        load_adapter(model, {"0.lora_A": state["0.lora_A"]})
-    with pytest.raises(ValueError, match="has shape"):
-        load_adapter(model, {**state, "0.lora_A": torch.zeros(3, 12)})
-    with pytest.raises(TypeError, match="state must be a dict"):
-        load_adapter(model, [state])
+def _with_adapter() -> nn.Module:
+    return apply_lora(mlp(), ["0"], 2, 4)
+
+
+def _merged_model() -> nn.Module:
+    model = _with_adapter()
     model[0].merge()
-    with pytest.raises(RuntimeError, match="unmerge it before switching"):
-        load_adapter(model, state)
+    return model
+
+
+BASE = nn.Linear(8, 4)
+BAD_INPUT = [
+    # LoRALinear and lora_scaling
+    pytest.param(
+        lambda: LoRALinear(BASE, 2.0, 4), TypeError, "r must be an int", id="r-float"
+    ),
+    pytest.param(
+        lambda: LoRALinear(BASE, 0, 4), ValueError, "r must be positive", id="r-0"
+    ),
+    pytest.param(
+        lambda: LoRALinear(BASE, 5, 4),
+        ValueError,
+        "r=5 must not exceed min",
+        id="r-too-large",
+    ),
+    pytest.param(
+        lambda: LoRALinear(BASE, 2, 0),
+        ValueError,
+        r"alpha must be in \(0, inf\)",
+        id="alpha-0",
+    ),
+    pytest.param(
+        lambda: lora_scaling(2, "8"),
+        TypeError,
+        "alpha must be a number",
+        id="alpha-str",
+    ),
+    pytest.param(
+        lambda: lora_scaling(2, 8, rslora=1),
+        TypeError,
+        "rslora must be a bool",
+        id="rslora-int",
+    ),
+    pytest.param(
+        lambda: LoRALinear(BASE, 2, 4, dropout=1.0),
+        ValueError,
+        r"dropout must be in \[0, 1\)",
+        id="dropout-1",
+    ),
+    pytest.param(
+        lambda: LoRALinear(nn.Conv1d(2, 2, 1), 1, 1),
+        TypeError,
+        "base must be an nn.Linear",
+        id="base-conv",
+    ),
+    pytest.param(
+        lambda: LoRALinear(BASE, 2, 4)(torch.randn(3, 7)),
+        ValueError,
+        "x must end in in_features=8",
+        id="x-features",
+    ),
+    pytest.param(
+        lambda: LoRALinear(BASE, 2, 4)(torch.ones(3, 8, dtype=torch.long)),
+        TypeError,
+        "x must be a floating-point",
+        id="x-long",
+    ),
+    pytest.param(
+        lambda: LoRALinear(BASE, 2, 4)(torch.tensor(1.0)),
+        ValueError,
+        "x must end in",
+        id="x-0d",
+    ),
+    pytest.param(
+        lambda: LoRALinear(BASE, 2, 4).unmerge(),
+        RuntimeError,
+        "not merged",
+        id="unmerge-unmerged",
+    ),
+    pytest.param(
+        lambda: _merged(LoRALinear(BASE, 2, 4)).merge(),
+        RuntimeError,
+        "already merged",
+        id="merge-merged",
+    ),
+    # apply_lora
+    pytest.param(
+        lambda: apply_lora(mlp(), ["q_proj"], 2, 4),
+        ValueError,
+        "no module of the model is named like",
+        id="targets-none",
+    ),
+    pytest.param(
+        lambda: apply_lora(mlp(), "0", 2, 4),
+        TypeError,
+        "target_names must be a list",
+        id="targets-str",
+    ),
+    pytest.param(
+        lambda: apply_lora(mlp(), [], 2, 4),
+        ValueError,
+        "target_names must be non-empty",
+        id="targets-empty",
+    ),
+    pytest.param(
+        lambda: apply_lora(mlp(), ["1"], 2, 4),
+        TypeError,
+        "1 is a ReLU; LoRA here wraps nn.Linear only",
+        id="targets-relu",
+    ),
+    pytest.param(
+        lambda: apply_lora(mlp(), ["0"], -1, 4),
+        ValueError,
+        "r must be positive",
+        id="apply-r",
+    ),
+    pytest.param(
+        lambda: apply_lora(mlp(), ["0"], 2, 4, dropout=-0.1),
+        ValueError,
+        "dropout must be in",
+        id="apply-dropout",
+    ),
+    pytest.param(
+        lambda: apply_lora(mlp(d_in=3), ["0"], 4, 4),
+        ValueError,
+        "r=4 must not exceed min",
+        id="apply-r-too-large",
+    ),
+    pytest.param(
+        lambda: apply_lora(_with_adapter(), ["0"], 2, 4),
+        ValueError,
+        "0 already has a LoRA adapter",
+        id="targets-twice",
+    ),
+    pytest.param(
+        lambda: apply_lora("model", ["0"], 2, 4),
+        TypeError,
+        "model must be an nn.Module",
+        id="apply-model",
+    ),
+    # the helpers
+    pytest.param(
+        lambda: trainable_parameters("model"),
+        TypeError,
+        "model must be an nn.Module",
+        id="count-model",
+    ),
+    pytest.param(
+        lambda: lora_layers("model"),
+        TypeError,
+        "model must be an nn.Module",
+        id="layers-model",
+    ),
+    pytest.param(
+        lambda: merge_and_unload(mlp()),
+        ValueError,
+        "model has no LoRA layers",
+        id="merge-none",
+    ),
+    pytest.param(
+        lambda: adapter_state(mlp()),
+        ValueError,
+        "model has no LoRA layers",
+        id="state-none",
+    ),
+    pytest.param(
+        lambda: load_adapter(mlp(), {}),
+        ValueError,
+        "model has no LoRA layers",
+        id="load-none",
+    ),
+    pytest.param(
+        lambda: load_adapter(_with_adapter(), {"0.lora_A": torch.zeros(2, 12)}),
+        ValueError,
+        "state does not fit the model: missing",
+        id="state-missing",
+    ),
+    pytest.param(
+        lambda: load_adapter(
+            _with_adapter(),
+            {**adapter_state(_with_adapter()), "0.lora_A": torch.zeros(3, 12)},
+        ),
+        ValueError,
+        r"state\['0.lora_A'\] has shape",
+        id="state-shape",
+    ),
+    pytest.param(
+        lambda: load_adapter(_with_adapter(), [adapter_state(_with_adapter())]),
+        TypeError,
+        "state must be a dict",
+        id="state-list",
+    ),
+    pytest.param(
+        lambda: load_adapter(_merged_model(), adapter_state(_merged_model())),
+        RuntimeError,
+        "0 is merged: unmerge it before switching",
+        id="load-merged",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

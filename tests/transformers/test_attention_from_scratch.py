@@ -102,14 +102,6 @@ def test_softmax_gives_exact_zero_to_minus_inf():
     torch.testing.assert_close(w.sum(-1), torch.ones(3, dtype=torch.float64), **F64)
 
 
-@pytest.mark.parametrize("fn", [softmax, softmax_naive])
-def test_softmax_rejects_bad_input(fn):
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        fn([1.0, 2.0])
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        fn(torch.arange(5))
-
-
 # --------------------------------------------------------------------------------------------
 # masks
 
@@ -119,15 +111,6 @@ def test_causal_mask_is_lower_triangle(seq_len):
     mask = causal_mask(seq_len)
     assert mask.dtype == torch.bool
     assert torch.equal(mask, torch.tril(torch.ones(seq_len, seq_len)).bool())
-
-
-def test_causal_mask_rejects_bad_length():
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        causal_mask(0)
-    with pytest.raises(TypeError, match="seq_len must be an int"):
-        causal_mask(3.0)
-    with pytest.raises(TypeError, match="seq_len must be an int"):
-        causal_mask(True)
 
 
 def test_padding_mask_against_loop():
@@ -141,45 +124,10 @@ def test_padding_mask_against_loop():
             assert bool(mask[b, 0, t]) == (t < length)
 
 
-def test_padding_mask_rejects_bad_input():
-    with pytest.raises(TypeError, match="lengths must be a torch.Tensor"):
-        padding_mask([2, 3], 4)
-    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
-        padding_mask(torch.tensor([2.0, 3.0]), 4)
-    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
-        padding_mask(torch.tensor([True, True]), 4)
-    with pytest.raises(ValueError, match="lengths must have 1 dimensions"):
-        padding_mask(torch.tensor([[2, 3]]), 4)
-    with pytest.raises(ValueError, match=r"lengths must lie in 1\.\.4"):
-        padding_mask(torch.tensor([2, 5]), 4)
-    with pytest.raises(ValueError, match=r"lengths must lie in 1\.\.4"):
-        padding_mask(torch.tensor([0, 3]), 4)
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        padding_mask(torch.tensor([1]), 0)
-
-
 def test_check_mask_accepts_and_returns_broadcastable_masks():
     scores_shape = (2, 3, 4, 5)
     for mask in (causal_mask(5)[:4], random_mask(2, 1, 4, 5), random_mask(1, 5)):
         assert check_mask(mask, scores_shape) is mask
-
-
-def test_check_mask_rejects_bad_masks():
-    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
-        check_mask(torch.ones(3, 3), (3, 3))
-    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
-        check_mask([[True]], (1, 1))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        check_mask(torch.ones(3, 4, dtype=torch.bool), (2, 3, 5))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        # broadcasts with the scores, but to a larger shape than theirs
-        check_mask(torch.ones(2, 3, 5, dtype=torch.bool), (1, 3, 5))
-    with pytest.raises(ValueError, match="more dimensions than the scores"):
-        check_mask(torch.ones(1, 1, 3, 3, dtype=torch.bool), (2, 3, 3))
-    mask = causal_mask(4).clone()
-    mask[2] = False
-    with pytest.raises(ValueError, match="hides every key from at least one query"):
-        check_mask(mask, (4, 4))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,30 +241,6 @@ def test_sdpa_gradients_match_finite_differences():
     )
 
 
-def test_sdpa_rejects_bad_input():
-    q, k, v = qkv((2,), 3, 4, 5, 6)
-    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
-        scaled_dot_product_attention(q.tolist(), k, v)
-    with pytest.raises(TypeError, match="k must be a floating-point tensor"):
-        scaled_dot_product_attention(q, k.long(), v)
-    with pytest.raises(TypeError, match="v must be a floating-point tensor"):
-        scaled_dot_product_attention(q, k, v.int())
-    with pytest.raises(ValueError, match="q must have at least 2 dimensions"):
-        scaled_dot_product_attention(torch.randn(5), k, v)
-    with pytest.raises(ValueError, match="v must have at least 2 dimensions"):
-        scaled_dot_product_attention(q, k, torch.randn(6))
-    with pytest.raises(ValueError, match="q and k must have the same feature size d_k"):
-        scaled_dot_product_attention(q, k[..., :4], v)
-    with pytest.raises(ValueError, match="k and v must have the same length T_k"):
-        scaled_dot_product_attention(q, k, v[:, :3])
-    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
-        scaled_dot_product_attention(q, k, v, torch.ones(3, 4))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        scaled_dot_product_attention(q, k, v, torch.ones(4, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="hides every key"):
-        scaled_dot_product_attention(q, k, v, torch.zeros(3, 4, dtype=torch.bool))
-
-
 # --------------------------------------------------------------------------------------------
 # heads
 
@@ -332,24 +256,6 @@ def test_split_and_merge_heads(d_model, n_heads):
     assert torch.equal(merge_heads(heads), x)
     y = torch.randn(2, n_heads, 5, d_head)
     assert torch.equal(split_heads(merge_heads(y), n_heads), y)
-
-
-def test_split_and_merge_heads_reject_bad_input():
-    x = torch.randn(2, 5, 8)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        split_heads(x.tolist(), 2)
-    with pytest.raises(ValueError, match="x must have 3 dimensions"):
-        split_heads(x[0], 2)
-    with pytest.raises(ValueError, match="n_heads must be positive"):
-        split_heads(x, 0)
-    with pytest.raises(TypeError, match="n_heads must be an int"):
-        split_heads(x, True)
-    with pytest.raises(ValueError, match="d_model=8 is not divisible by n_heads=3"):
-        split_heads(x, 3)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        merge_heads(None)
-    with pytest.raises(ValueError, match="x must have 4 dimensions"):
-        merge_heads(x)
 
 
 @pytest.mark.parametrize(
@@ -368,14 +274,8 @@ def test_expand_mask_for_heads(shape, expanded):
         assert torch.equal(broadcast[:, h], mask.expand(3, 5, 6))
 
 
-def test_expand_mask_for_heads_none_and_bad_input():
+def test_expand_mask_for_heads_passes_none():
     assert expand_mask_for_heads(None) is None
-    with pytest.raises(ValueError, match=r"mask must broadcast to \(batch, T_q, T_k\)"):
-        expand_mask_for_heads(torch.ones(2, 1, 3, 3, dtype=torch.bool))
-    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
-        expand_mask_for_heads(torch.ones(3, 3))
-    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
-        expand_mask_for_heads([[True]])
 
 
 def test_expand_mask_for_heads_accepts_a_key_mask():
@@ -553,42 +453,6 @@ def test_mha_key_mask_loop_and_vectorised_agree():
     torch.testing.assert_close(weights, loop_weights, **F64)
 
 
-@pytest.mark.parametrize("mha", MHA_FUNCTIONS)
-def test_mha_rejects_bad_input(mha):
-    x = torch.randn(2, 5, 8)
-    W = mha_weights(8, torch.float32)
-    with pytest.raises(TypeError, match="x_q must be a torch.Tensor"):
-        mha(x.tolist(), x, *W, 2)
-    with pytest.raises(TypeError, match="x_kv must be a floating-point tensor"):
-        mha(x, x.long(), *W, 2)
-    with pytest.raises(ValueError, match="x_q must have 3 dimensions"):
-        mha(x[0], x, *W, 2)
-    with pytest.raises(ValueError, match="must share batch size and d_model"):
-        mha(x, x[:1], *W, 2)
-    with pytest.raises(ValueError, match="must share batch size and d_model"):
-        mha(x, torch.randn(2, 5, 6), *W, 2)
-    with pytest.raises(ValueError, match=r"W_k must have shape \(d_model, d_model\)"):
-        mha(x, x, W[0], W[1][:, :4], W[2], W[3], 2)
-    with pytest.raises(ValueError, match="W_o must have 2 dimensions"):
-        mha(x, x, *W[:3], W[3][None], 2)
-    with pytest.raises(TypeError, match="W_v must be a floating-point tensor"):
-        mha(x, x, W[0], W[1], W[2].long(), W[3], 2)
-    with pytest.raises(TypeError, match="W_q must be a torch.Tensor"):
-        mha(x, x, W[0].tolist(), *W[1:], 2)
-    with pytest.raises(ValueError, match="n_heads must be positive"):
-        mha(x, x, *W, 0)
-    with pytest.raises(TypeError, match="n_heads must be an int"):
-        mha(x, x, *W, True)
-    with pytest.raises(TypeError, match="n_heads must be an int"):
-        mha(x, x, *W, 2.0)
-    with pytest.raises(ValueError, match="d_model=8 is not divisible by n_heads=3"):
-        mha(x, x, *W, 3)
-    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
-        mha(x, x, *W, 2, torch.ones(5, 5))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        mha(x, x, *W, 2, torch.ones(4, 5, dtype=torch.bool))
-
-
 # --------------------------------------------------------------------------------------------
 # why the scores are divided by sqrt(d_k)
 
@@ -663,12 +527,313 @@ def test_dot_product_statistics_gradient_norm_is_the_softmax_jacobian():
     assert wide["gradient_norm"] < 0.5 * stats["gradient_norm"]
 
 
-def test_dot_product_statistics_rejects_bad_input():
-    with pytest.raises(ValueError, match="d_k must be positive"):
-        dot_product_statistics(0)
-    with pytest.raises(TypeError, match="d_k must be an int"):
-        dot_product_statistics(4.0)
-    with pytest.raises(TypeError, match="n_keys must be an int"):
-        dot_product_statistics(4, n_keys=True)
-    with pytest.raises(ValueError, match="n_samples must be positive"):
-        dot_product_statistics(4, n_samples=-1)
+# --------------------------------------------------------------------------------------------
+# bad input: every public entry point names the argument it rejects
+
+_Q, _K, _V = qkv((2,), 3, 4, 5, 6)
+_X = torch.randn(2, 5, 8)
+_W = mha_weights(8, torch.float32)
+_BOOL = dict(dtype=torch.bool)
+
+
+def _one_query_sees_nothing() -> torch.Tensor:
+    mask = causal_mask(4).clone()
+    mask[2] = False
+    return mask
+
+
+def _mha_rows(mha, name):
+    x, W = _X, _W
+    rows = [
+        (lambda: mha(x.tolist(), x, *W, 2), TypeError, "x_q must be a torch.Tensor"),
+        (lambda: mha(x, x.long(), *W, 2), TypeError, "x_kv must be a floating-point"),
+        (lambda: mha(x[0], x, *W, 2), ValueError, "x_q must have 3 dimensions"),
+        (lambda: mha(x, x[:1], *W, 2), ValueError, "x_kv .* must share batch size"),
+        (lambda: mha(x, torch.randn(2, 5, 6), *W, 2), ValueError, "x_kv .* d_model"),
+        (
+            lambda: mha(x, x, W[0], W[1][:, :4], W[2], W[3], 2),
+            ValueError,
+            r"W_k must have shape \(d_model, d_model\)",
+        ),
+        (lambda: mha(x, x, *W[:3], W[3][None], 2), ValueError, "W_o must have 2 dim"),
+        (
+            lambda: mha(x, x, W[0], W[1], W[2].long(), W[3], 2),
+            TypeError,
+            "W_v must be a floating-point tensor",
+        ),
+        (lambda: mha(x, x, W[0].tolist(), *W[1:], 2), TypeError, "W_q must be a torch"),
+        (lambda: mha(x, x, *W, 0), ValueError, "n_heads must be positive"),
+        (lambda: mha(x, x, *W, True), TypeError, "n_heads must be an int"),
+        (lambda: mha(x, x, *W, 2.0), TypeError, "n_heads must be an int"),
+        (lambda: mha(x, x, *W, 3), ValueError, "d_model=8 is not divisible by n_heads"),
+        (lambda: mha(x, x, *W, 2, torch.ones(5, 5)), TypeError, "mask must have dtype"),
+        (
+            lambda: mha(x, x, *W, 2, torch.ones(4, 5, **_BOOL)),
+            ValueError,
+            "mask .* does not broadcast",
+        ),
+        (
+            lambda: mha(x, x, *W, 2, torch.zeros(5, 5, **_BOOL)),
+            ValueError,
+            "mask hides every key",
+        ),
+    ]
+    return [
+        pytest.param(call, error, match, id=f"{name}-{i}")
+        for i, (call, error, match) in enumerate(rows)
+    ]
+
+
+BAD_INPUT = [
+    *(
+        pytest.param(
+            lambda fn=fn: fn([1.0, 2.0]),
+            TypeError,
+            "x must be a torch",
+            id=f"{fn.__name__}-list",
+        )
+        for fn in (softmax, softmax_naive)
+    ),
+    *(
+        pytest.param(
+            lambda fn=fn: fn(torch.arange(5)),
+            TypeError,
+            "x must be a floating",
+            id=f"{fn.__name__}-int",
+        )
+        for fn in (softmax, softmax_naive)
+    ),
+    pytest.param(
+        lambda: causal_mask(0), ValueError, "seq_len must be positive", id="causal-0"
+    ),
+    pytest.param(
+        lambda: causal_mask(3.0), TypeError, "seq_len must be an int", id="causal-float"
+    ),
+    pytest.param(
+        lambda: causal_mask(True), TypeError, "seq_len must be an int", id="causal-bool"
+    ),
+    pytest.param(
+        lambda: padding_mask([2, 3], 4),
+        TypeError,
+        "lengths must be a torch",
+        id="pad-list",
+    ),
+    pytest.param(
+        lambda: padding_mask(torch.tensor([2.0, 3.0]), 4),
+        TypeError,
+        "lengths must be an integer",
+        id="pad-float",
+    ),
+    pytest.param(
+        lambda: padding_mask(torch.tensor([True, True]), 4),
+        TypeError,
+        "lengths must be an integer",
+        id="pad-bool",
+    ),
+    pytest.param(
+        lambda: padding_mask(torch.tensor([[2, 3]]), 4),
+        ValueError,
+        "lengths must have 1 dim",
+        id="pad-2d",
+    ),
+    pytest.param(
+        lambda: padding_mask(torch.tensor([2, 5]), 4),
+        ValueError,
+        r"lengths must lie in 1\.\.4",
+        id="pad-long",
+    ),
+    pytest.param(
+        lambda: padding_mask(torch.tensor([0, 3]), 4),
+        ValueError,
+        r"lengths must lie in 1\.\.4",
+        id="pad-empty",
+    ),
+    pytest.param(
+        lambda: padding_mask(torch.tensor([1]), 0),
+        ValueError,
+        "seq_len must be positive",
+        id="pad-seq_len",
+    ),
+    pytest.param(
+        lambda: check_mask(torch.ones(3, 3), (3, 3)),
+        TypeError,
+        "mask must have dtype torch.bool",
+        id="mask-float",
+    ),
+    pytest.param(
+        lambda: check_mask([[True]], (1, 1)),
+        TypeError,
+        "mask must be a torch.Tensor",
+        id="mask-list",
+    ),
+    pytest.param(
+        lambda: check_mask(torch.ones(3, 4, **_BOOL), (2, 3, 5)),
+        ValueError,
+        "mask .* does not broadcast",
+        id="mask-shape",
+    ),
+    pytest.param(  # broadcasts with the scores, but to a larger shape than theirs
+        lambda: check_mask(torch.ones(2, 3, 5, **_BOOL), (1, 3, 5)),
+        ValueError,
+        "mask .* does not broadcast",
+        id="mask-larger",
+    ),
+    pytest.param(
+        lambda: check_mask(torch.ones(1, 1, 3, 3, **_BOOL), (2, 3, 3)),
+        ValueError,
+        "mask .* more dimensions than the scores",
+        id="mask-ndim",
+    ),
+    pytest.param(
+        lambda: check_mask(_one_query_sees_nothing(), (4, 4)),
+        ValueError,
+        "mask hides every key",
+        id="mask-empty-row",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q.tolist(), _K, _V),
+        TypeError,
+        "q must be a torch.Tensor",
+        id="sdpa-q-list",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q, _K.long(), _V),
+        TypeError,
+        "k must be a floating",
+        id="sdpa-k-long",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q, _K, _V.int()),
+        TypeError,
+        "v must be a floating",
+        id="sdpa-v-int",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(torch.randn(5), _K, _V),
+        ValueError,
+        "q must have at least 2",
+        id="sdpa-q-1d",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q, _K, torch.randn(6)),
+        ValueError,
+        "v must have at least 2",
+        id="sdpa-v-1d",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q, _K[..., :4], _V),
+        ValueError,
+        "q and k must have the same feature size d_k",
+        id="sdpa-d_k",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q, _K, _V[:, :3]),
+        ValueError,
+        "k and v must have the same length",
+        id="sdpa-T_k",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q, _K, _V, torch.ones(3, 4)),
+        TypeError,
+        "mask must have dtype",
+        id="sdpa-mask-float",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q, _K, _V, torch.ones(4, 3, **_BOOL)),
+        ValueError,
+        "mask .* does not broadcast",
+        id="sdpa-mask-shape",
+    ),
+    pytest.param(
+        lambda: scaled_dot_product_attention(_Q, _K, _V, torch.zeros(3, 4, **_BOOL)),
+        ValueError,
+        "mask hides every key",
+        id="sdpa-mask-empty",
+    ),
+    pytest.param(
+        lambda: split_heads(_X.tolist(), 2),
+        TypeError,
+        "x must be a torch.Tensor",
+        id="split-list",
+    ),
+    pytest.param(
+        lambda: split_heads(_X[0], 2),
+        ValueError,
+        "x must have 3 dimensions",
+        id="split-2d",
+    ),
+    pytest.param(
+        lambda: split_heads(_X, 0), ValueError, "n_heads must be positive", id="split-0"
+    ),
+    pytest.param(
+        lambda: split_heads(_X, True),
+        TypeError,
+        "n_heads must be an int",
+        id="split-bool",
+    ),
+    pytest.param(
+        lambda: split_heads(_X, 3),
+        ValueError,
+        "d_model=8 is not divisible by n_heads=3",
+        id="split-3",
+    ),
+    pytest.param(
+        lambda: merge_heads(None),
+        TypeError,
+        "x must be a torch.Tensor",
+        id="merge-none",
+    ),
+    pytest.param(
+        lambda: merge_heads(_X), ValueError, "x must have 4 dimensions", id="merge-3d"
+    ),
+    pytest.param(
+        lambda: expand_mask_for_heads(torch.ones(2, 1, 3, 3, **_BOOL)),
+        ValueError,
+        r"mask must broadcast to \(batch, T_q, T_k\)",
+        id="expand-4d",
+    ),
+    pytest.param(
+        lambda: expand_mask_for_heads(torch.ones(3, 3)),
+        TypeError,
+        "mask must have dtype",
+        id="expand-float",
+    ),
+    pytest.param(
+        lambda: expand_mask_for_heads([[True]]),
+        TypeError,
+        "mask must be a torch.Tensor",
+        id="expand-list",
+    ),
+    *_mha_rows(multi_head_attention_loop, "mha-loop"),
+    *_mha_rows(multi_head_attention, "mha"),
+    pytest.param(
+        lambda: dot_product_statistics(0),
+        ValueError,
+        "d_k must be positive",
+        id="stats-d_k-0",
+    ),
+    pytest.param(
+        lambda: dot_product_statistics(4.0),
+        TypeError,
+        "d_k must be an int",
+        id="stats-d_k-float",
+    ),
+    pytest.param(
+        lambda: dot_product_statistics(4, n_keys=True),
+        TypeError,
+        "n_keys must be an int",
+        id="stats-n_keys",
+    ),
+    pytest.param(
+        lambda: dot_product_statistics(4, n_samples=-1),
+        ValueError,
+        "n_samples must be positive",
+        id="stats-n_samples",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -90,15 +90,7 @@ def macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
     ``input_shape`` is the shape of one example, without the batch axis, e.g.
     ``(3, 224, 224)``. Biases, normalization, activations and pooling are not counted.
     """
-    _check_module(model)
-    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
-        raise TypeError(
-            f"input_shape must be a sequence of ints, got {type(input_shape).__name__}"
-        )
-    if len(input_shape) == 0:
-        raise ValueError("input_shape must have at least one axis")
-    for i, n in enumerate(input_shape):
-        check_positive_int(n, f"input_shape[{i}]")
+    _check_model_and_shape(model, input_shape)
     macs: dict[str, int] = {}
 
     def hook(name: str):
@@ -144,21 +136,52 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     return sum(macs_by_layer(model, input_shape).values())
 
 
-def _check_images(x: torch.Tensor, channels: int) -> None:
-    """``x`` must be a floating-point batch of images ``(N, channels, H, W)``."""
+def _check_model_and_shape(model: object, input_shape: object) -> None:
+    """``model`` is a module and ``input_shape`` a non-empty sequence of positive ints."""
+    _check_module(model)
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise TypeError(
+            f"input_shape must be a sequence of ints, got {type(input_shape).__name__}"
+        )
+    if len(input_shape) == 0:
+        raise ValueError("input_shape must have at least one axis")
+    for i, n in enumerate(input_shape):
+        check_positive_int(n, f"input_shape[{i}]")
+
+
+def _check_images(
+    x: torch.Tensor,
+    channels: int,
+    minimum: int = 1,
+    model: str = "",
+    exact: tuple[int, int] | None = None,
+) -> None:
+    """``x`` must be a floating-point batch of images ``(N, channels, H, W)``.
+
+    With ``minimum``, both sides must be at least that many pixels (``model`` names the
+    network in the message); with ``exact``, ``(H, W)`` must be exactly that. Shapes
+    only: no value of ``x`` is read, so the check costs no device synchronisation.
+    """
     check_tensor(x, "x", ndim=4, floating=True)
     if x.shape[1] != channels:
         raise ValueError(
             f"x must have {channels} channels on axis 1, got shape {tuple(x.shape)}"
         )
-
-
-def _check_size(x: torch.Tensor, minimum: int, model: str) -> None:
+    if exact is not None and tuple(x.shape[-2:]) != exact:
+        raise ValueError(
+            f"{model} needs {exact[0]}x{exact[1]} images, got shape {tuple(x.shape)}"
+        )
     if min(x.shape[-2:]) < minimum:
         raise ValueError(
             f"{model} needs images of at least {minimum}x{minimum} pixels, "
             f"got shape {tuple(x.shape)}"
         )
+
+
+def _check_sizes(**sizes: object) -> None:
+    """Every keyword argument must be a positive int (its name goes in the message)."""
+    for name, value in sizes.items():
+        check_positive_int(value, name)
 
 
 # --------------------------------------------------------------------- the classics
@@ -194,13 +217,17 @@ class LeNet5(nn.Module):
         return 1.7159 * torch.tanh(2 * a / 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, 1)
-        if tuple(x.shape[-2:]) != (32, 32):
-            raise ValueError(f"LeNet5 needs 32x32 images, got shape {tuple(x.shape)}")
+        _check_images(x, 1, model="LeNet5", exact=(32, 32))
         x = self.s2(self.squash(self.c1(x)))  # (N, 6, 14, 14)
         x = self.s4(self.squash(self.c3(x)))  # (N, 16, 5, 5)
         x = self.squash(self.c5(x)).flatten(1)  # (N, 120)
         return self.output(self.squash(self.f6(x)))  # (N, num_classes)
+
+
+def _check_alexnet_args(num_classes: object, groups: object) -> None:
+    _check_sizes(num_classes=num_classes, groups=groups)
+    if groups not in (1, 2):
+        raise ValueError(f"groups must be 1 or 2 (GPUs), got {groups}")
 
 
 class AlexNet(nn.Module):
@@ -219,10 +246,7 @@ class AlexNet(nn.Module):
 
     def __init__(self, num_classes: int = 1000, groups: int = 2) -> None:
         super().__init__()
-        check_positive_int(num_classes, "num_classes")
-        check_positive_int(groups, "groups")
-        if groups not in (1, 2):
-            raise ValueError(f"groups must be 1 or 2 (GPUs), got {groups}")
+        _check_alexnet_args(num_classes, groups)
 
         def lrn() -> nn.LocalResponseNorm:
             # the paper's k=2, n=5, alpha=1e-4, beta=0.75; torch divides alpha by n
@@ -261,8 +285,7 @@ class AlexNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, 3)
-        _check_size(x, 67, "AlexNet")  # the smallest input the three pools allow
+        _check_images(x, 3, minimum=67, model="AlexNet")  # what the 3 pools allow
         x = self.pool(self.features(x)).flatten(1)  # (N, 9216)
         return self.classifier(x)  # (N, num_classes)
 
@@ -278,6 +301,17 @@ VGG_CONFIGS: dict[str, tuple[int | str, ...]] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M")
     + (512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
 }
+
+
+def _check_vgg_args(config: object, num_classes: object, in_channels: object) -> None:
+    _check_sizes(num_classes=num_classes, in_channels=in_channels)
+    if isinstance(config, str) or not isinstance(config, Sequence) or not config:
+        raise ValueError("config must be a non-empty sequence of ints and 'M'")
+    for i, item in enumerate(config):
+        if item != "M":
+            check_positive_int(item, f"config[{i}]")
+    if all(item == "M" for item in config):
+        raise ValueError("config must contain at least one convolution")
 
 
 class VGG(nn.Module):
@@ -298,21 +332,16 @@ class VGG(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        check_positive_int(num_classes, "num_classes")
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        if isinstance(config, str) or not config:
-            raise ValueError("config must be a non-empty sequence of ints and 'M'")
+        _check_vgg_args(config, num_classes, in_channels)
+        self.in_channels = in_channels
         layers: list[nn.Module] = []
-        channels, n_convs = in_channels, 0
-        for i, item in enumerate(config):
+        channels = in_channels
+        for item in config:
             if item == "M":
                 layers.append(nn.MaxPool2d(2))  # halves H and W
             else:
-                check_positive_int(item, f"config[{i}]")
                 layers += [nn.Conv2d(channels, item, 3, padding=1), nn.ReLU()]
-                channels, n_convs = item, n_convs + 1
-        if n_convs == 0:
-            raise ValueError("config must contain at least one convolution")
+                channels = item
         self.n_pools = sum(item == "M" for item in config)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(7)
@@ -327,8 +356,7 @@ class VGG(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, self.in_channels)
-        _check_size(x, 2**self.n_pools, "this VGG")
+        _check_images(x, self.in_channels, minimum=2**self.n_pools, model="this VGG")
         x = self.pool(self.features(x)).flatten(1)  # (N, channels * 7 * 7)
         return self.classifier(x)  # (N, num_classes)
 
@@ -367,17 +395,8 @@ class InceptionBlock(nn.Module):
         pool_proj: int,
     ) -> None:
         super().__init__()
-        sizes = dict(
-            in_channels=in_channels,
-            c1=c1,
-            c3_reduce=c3_reduce,
-            c3=c3,
-            c5_reduce=c5_reduce,
-            c5=c5,
-            pool_proj=pool_proj,
-        )
-        for name, value in sizes.items():
-            check_positive_int(value, name)
+        _check_sizes(in_channels=in_channels, c1=c1, c3=c3, c5=c5, pool_proj=pool_proj)
+        _check_sizes(c3_reduce=c3_reduce, c5_reduce=c5_reduce)
         self.in_channels = in_channels
         self.out_channels = c1 + c3 + c5 + pool_proj
 
@@ -451,6 +470,22 @@ def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
     return ConvBN(in_channels, out_channels, 1, stride, relu=False)
 
 
+def _check_block_args(
+    residual: object,
+    in_channels: object,
+    out_channels: object,
+    stride: object,
+    plain: object,
+) -> None:
+    if not isinstance(residual, nn.Module):
+        raise TypeError(
+            f"residual must be a torch.nn.Module, got {type(residual).__name__}"
+        )
+    _check_sizes(in_channels=in_channels, out_channels=out_channels, stride=stride)
+    if not isinstance(plain, bool):
+        raise TypeError(f"plain must be a bool, got {type(plain).__name__}")
+
+
 class ResidualBlock(nn.Module):
     r"""$y = \operatorname{ReLU}\big(F(x) + \operatorname{shortcut}(x)\big)$.
 
@@ -469,15 +504,8 @@ class ResidualBlock(nn.Module):
         plain: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(residual, nn.Module):
-            raise TypeError(
-                f"residual must be a torch.nn.Module, got {type(residual).__name__}"
-            )
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.out_channels = check_positive_int(out_channels, "out_channels")
-        check_positive_int(stride, "stride")
-        if not isinstance(plain, bool):
-            raise TypeError(f"plain must be a bool, got {type(plain).__name__}")
+        _check_block_args(residual, in_channels, out_channels, stride, plain)
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.residual = residual  # F
         # a plain block is the same block without its shortcut
         self.shortcut = None if plain else _shortcut(in_channels, out_channels, stride)
@@ -511,6 +539,13 @@ class BasicBlock(ResidualBlock):
         super().__init__(residual, in_channels, out_channels, stride, plain)
 
 
+def _check_bottleneck_width(out_channels: object) -> None:
+    if check_positive_int(out_channels, "out_channels") % 4:
+        raise ValueError(
+            f"out_channels must be divisible by 4 (the bottleneck), got {out_channels}"
+        )
+
+
 class Bottleneck(ResidualBlock):
     r"""The residual block of ResNet-50 and deeper: 1x1, 3x3, 1x1 convolutions.
 
@@ -530,11 +565,7 @@ class Bottleneck(ResidualBlock):
         plain: bool = False,
         stride_in_3x3: bool = True,
     ) -> None:
-        if check_positive_int(out_channels, "out_channels") % 4:
-            raise ValueError(
-                "out_channels must be divisible by 4 (the bottleneck), "
-                f"got {out_channels}"
-            )
+        _check_bottleneck_width(out_channels)
         mid = out_channels // 4
         s1, s3 = (1, stride) if stride_in_3x3 else (stride, 1)
         residual = nn.Sequential(
@@ -543,6 +574,34 @@ class Bottleneck(ResidualBlock):
             ConvBN(mid, out_channels, 1, relu=False),  # expand
         )
         super().__init__(residual, in_channels, out_channels, stride, plain)
+
+
+def _check_resnet_args(
+    block: object,
+    depths: Sequence[int],
+    widths: Sequence[int],
+    num_classes: object,
+    in_channels: object,
+    stem_width: object,
+) -> None:
+    if not (
+        isinstance(block, type)
+        and issubclass(block, ResidualBlock)
+        and block is not ResidualBlock
+    ):
+        raise TypeError(f"block must be BasicBlock or Bottleneck, got {block!r}")
+    depths, widths = tuple(depths), tuple(widths)
+    if not depths or len(depths) != len(widths):
+        raise ValueError(
+            "depths and widths must be non-empty and of the same length, "
+            f"got {len(depths)} and {len(widths)}"
+        )
+    for i, (d, w) in enumerate(zip(depths, widths, strict=True)):
+        check_positive_int(d, f"depths[{i}]")
+        check_positive_int(w, f"widths[{i}]")
+    _check_sizes(
+        num_classes=num_classes, in_channels=in_channels, stem_width=stem_width
+    )
 
 
 class ResNet(nn.Module):
@@ -567,24 +626,9 @@ class ResNet(nn.Module):
         **block_options: bool,
     ) -> None:
         super().__init__()
-        if not (
-            isinstance(block, type)
-            and issubclass(block, ResidualBlock)
-            and block is not ResidualBlock
-        ):
-            raise TypeError(f"block must be BasicBlock or Bottleneck, got {block!r}")
         depths, widths = tuple(depths), tuple(widths)
-        if not depths or len(depths) != len(widths):
-            raise ValueError(
-                "depths and widths must be non-empty and of the same length, "
-                f"got {len(depths)} and {len(widths)}"
-            )
-        for i, (d, w) in enumerate(zip(depths, widths, strict=True)):
-            check_positive_int(d, f"depths[{i}]")
-            check_positive_int(w, f"widths[{i}]")
-        check_positive_int(num_classes, "num_classes")
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        check_positive_int(stem_width, "stem_width")
+        _check_resnet_args(block, depths, widths, num_classes, in_channels, stem_width)
+        self.in_channels = in_channels
         self.stem = ConvBN(in_channels, stem_width, 7, stride=2)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         stages, channels = [], stem_width
@@ -649,14 +693,18 @@ HF_RENAMES: tuple[tuple[str, str], ...] = (
 )
 
 
-def from_hf_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """A Hugging Face ResNet's ``state_dict`` with our names (:data:`HF_RENAMES`)."""
+def _check_mapping(state_dict: object) -> None:
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             f"state_dict must be a mapping, got {type(state_dict).__name__}"
         )
+
+
+def from_hf_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """A Hugging Face ResNet's ``state_dict`` with our names (:data:`HF_RENAMES`)."""
+    _check_mapping(state_dict)
     renamed = {}
     for key, value in state_dict.items():
         for old, new in HF_RENAMES:

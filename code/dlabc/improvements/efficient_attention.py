@@ -126,6 +126,27 @@ def global_mask(
     return is_global[:, None] | is_global[None, :]  # (T, T)
 
 
+def _check_bigbird(
+    n_blocks: object,
+    n_global: object,
+    n_window: object,
+    n_random: object,
+    generator: object,
+) -> None:
+    check_positive_int(n_blocks, "n_blocks")
+    _check_non_negative_int(n_global, "n_global")
+    check_positive_int(n_window, "n_window")
+    _check_non_negative_int(n_random, "n_random")
+    if n_window % 2 == 0:
+        raise ValueError(f"n_window must be odd (a centred window), got {n_window}")
+    _check_generator(generator)
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
+
+
 def bigbird_layout(
     n_blocks: int,
     n_global: int = 1,
@@ -133,7 +154,8 @@ def bigbird_layout(
     n_random: int = 2,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    r"""BigBird's block pattern, ``(n_blocks, n_blocks)``: True where a block is computed.
+    r"""BigBird's block pattern, ``(n_blocks, n_blocks)``: True where a block is
+    computed.
 
     * **global**: the first ``n_global`` blocks attend to everything and everything
       attends to them (BigBird-ITC uses existing tokens as global ones);
@@ -142,14 +164,7 @@ def bigbird_layout(
     * **random**: every other row gets ``n_random`` more key blocks, drawn uniformly
       from those it does not have yet.
     """
-    check_positive_int(n_blocks, "n_blocks")
-    _check_non_negative_int(n_global, "n_global")
-    check_positive_int(n_window, "n_window")
-    _check_non_negative_int(n_random, "n_random")
-    if n_window % 2 == 0:
-        raise ValueError(f"n_window must be odd (a centred window), got {n_window}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
+    _check_bigbird(n_blocks, n_global, n_window, n_random, generator)
     blocks = torch.arange(n_blocks)
     # the window: a band of n_window blocks around the diagonal
     layout = (blocks[:, None] - blocks[None, :]).abs() <= n_window // 2
@@ -199,6 +214,39 @@ def _masked_attention(
     return out, (m + torch.log(ell)).squeeze(-1)  # lse = -inf for an empty row
 
 
+def _check_block_sparse(
+    q: object,
+    k: object,
+    v: object,
+    layout: object,
+    block_size: object,
+    allowed: object,
+    key_mask: object,
+) -> None:
+    _check_self_attention(q, k, v)
+    check_tensor(layout, "layout", ndim=2, dtype=torch.bool)
+    check_positive_int(block_size, "block_size")
+    seq_len = q.shape[-2]
+    if seq_len % block_size:
+        raise ValueError(
+            f"the length T={seq_len} must be a multiple of block_size={block_size}"
+        )
+    n_blocks = seq_len // block_size
+    if tuple(layout.shape) != (n_blocks, n_blocks):
+        raise ValueError(
+            f"layout must have shape ({n_blocks}, {n_blocks}) for T={seq_len} and "
+            f"block_size={block_size}, got {tuple(layout.shape)}"
+        )
+    if allowed is not None and not callable(allowed):
+        raise TypeError(f"allowed must be callable, got {type(allowed).__name__}")
+    if key_mask is not None:
+        check_tensor(key_mask, "key_mask", dtype=torch.bool)
+        if key_mask.shape[-1] != seq_len:
+            raise ValueError(
+                f"key_mask must be (..., T={seq_len}), got {tuple(key_mask.shape)}"
+            )
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -222,28 +270,9 @@ def block_sparse_attention(
     row, so that results over disjoint key sets can be merged
     (:func:`combine_attention`).
     """
-    _check_self_attention(q, k, v)
-    check_tensor(layout, "layout", ndim=2, dtype=torch.bool)
-    check_positive_int(block_size, "block_size")
+    _check_block_sparse(q, k, v, layout, block_size, allowed, key_mask)
     seq_len = q.shape[-2]
-    if seq_len % block_size:
-        raise ValueError(
-            f"the length T={seq_len} must be a multiple of block_size={block_size}"
-        )
     n_blocks = seq_len // block_size
-    if tuple(layout.shape) != (n_blocks, n_blocks):
-        raise ValueError(
-            f"layout must have shape ({n_blocks}, {n_blocks}) for T={seq_len} and "
-            f"block_size={block_size}, got {tuple(layout.shape)}"
-        )
-    if allowed is not None and not callable(allowed):
-        raise TypeError(f"allowed must be callable, got {type(allowed).__name__}")
-    if key_mask is not None:
-        check_tensor(key_mask, "key_mask", dtype=torch.bool)
-        if key_mask.shape[-1] != seq_len:
-            raise ValueError(
-                f"key_mask must be (..., T={seq_len}), got {tuple(key_mask.shape)}"
-            )
     b, dev = block_size, q.device
     layout = layout.to(dev)
     batch = q.shape[:-2]
@@ -295,16 +324,7 @@ def block_sparse_attention(
     return out.flatten(-3, -2), lse.flatten(-2, -1)  # (..., T, d_v), (..., T)
 
 
-def combine_attention(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Attention over the union of two disjoint key sets, from the two halves.
-
-    With $L = \log(e^{L_a} + e^{L_b})$ the log-sum-exp over both sets,
-    $o = e^{L_a - L}\,o_a + e^{L_b - L}\,o_b$: each half is reweighted by its share of
-    the softmax normaliser (the rescaling of FlashAttention's online softmax).
-    Returns ``(out, lse)``.
-    """
+def _check_halves(out_a: object, lse_a: object, out_b: object, lse_b: object) -> None:
     for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b)):
         check_tensor(t, name, floating=True)
     check_tensor(lse_b, "lse_b", floating=True)
@@ -319,12 +339,50 @@ def combine_attention(
             f"lse must be out without its last axis, got out {tuple(out_a.shape)} "
             f"and lse {tuple(lse_a.shape)}"
         )
+
+
+def combine_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Attention over the union of two disjoint key sets, from the two halves.
+
+    With $L = \log(e^{L_a} + e^{L_b})$ the log-sum-exp over both sets,
+    $o = e^{L_a - L}\,o_a + e^{L_b - L}\,o_b$: each half is reweighted by its share of
+    the softmax normaliser (the rescaling of FlashAttention's online softmax).
+    Returns ``(out, lse)``.
+    """
+    _check_halves(out_a, lse_a, out_b, lse_b)
     lse = torch.logaddexp(lse_a, lse_b)  # the normaliser over both key sets
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     # each half's share of the normaliser; 0 for a half with no key
     w_a = torch.exp(lse_a - safe)[..., None]
     w_b = torch.exp(lse_b - safe)[..., None]
     return w_a * out_a + w_b * out_b, lse
+
+
+def _checked_masks(
+    hidden_states: object,
+    attention_mask: object,
+    global_attention_mask: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check Longformer's inputs (shapes and dtypes only, no sync); return the masks
+    ``real`` (default: all True) and ``is_global`` (default: none), each ``(B, T)``."""
+    check_tensor(hidden_states, "hidden_states", ndim=3, floating=True)
+    batch, seq_len, _ = hidden_states.shape
+    masks = []
+    for name, mask, default in (
+        ("attention_mask", attention_mask, True),
+        ("global_attention_mask", global_attention_mask, False),
+    ):
+        if mask is None:
+            mask = torch.full((batch, seq_len), default, device=hidden_states.device)
+        check_tensor(mask, name, ndim=2, dtype=torch.bool)
+        if tuple(mask.shape) != (batch, seq_len):
+            raise ValueError(
+                f"{name} must have shape {(batch, seq_len)}, got {tuple(mask.shape)}"
+            )
+        masks.append(mask)
+    return masks[0], masks[1] & masks[0]
 
 
 class LongformerSelfAttention(nn.Module):
@@ -371,25 +429,11 @@ class LongformerSelfAttention(nn.Module):
         """``hidden_states`` ``(B, T, d_model)``; ``attention_mask`` ``(B, T)`` bool,
         False for padding; ``global_attention_mask`` ``(B, T)`` bool, True for the
         global tokens. Returns ``(B, T, d_model)``, zero at padded positions."""
-        check_tensor(hidden_states, "hidden_states", ndim=3, floating=True)
-        batch, seq_len, _ = hidden_states.shape
-        masks = []
-        for name, mask, default in (
-            ("attention_mask", attention_mask, True),
-            ("global_attention_mask", global_attention_mask, False),
-        ):
-            if mask is None:
-                mask = torch.full(
-                    (batch, seq_len), default, device=hidden_states.device
-                )
-            check_tensor(mask, name, ndim=2, dtype=torch.bool)
-            if tuple(mask.shape) != (batch, seq_len):
-                raise ValueError(
-                    f"{name} must have shape {(batch, seq_len)}, got {tuple(mask.shape)}"
-                )
-            masks.append(mask)
-        real, is_global = masks[0], masks[1] & masks[0]
+        real, is_global = _checked_masks(
+            hidden_states, attention_mask, global_attention_mask
+        )  # (B, T) each: real tokens, global tokens among them
         x = hidden_states
+        seq_len = x.shape[1]
         q = split_heads(self.query(x), self.n_heads)  # (B, h, T, d_head)
         k = split_heads(self.key(x), self.n_heads)  # (B, h, T, d_head)
         v = split_heads(self.value(x), self.n_heads)  # (B, h, T, d_head)
@@ -438,6 +482,18 @@ class LongformerSelfAttention(nn.Module):
         return merge_heads(out)  # (B, T, d_model)
 
 
+def _check_random_matrix(
+    n_features: object, d: object, orthogonal: object, generator: object, dtype: object
+) -> None:
+    check_positive_int(n_features, "n_features")
+    check_positive_int(d, "d")
+    if not isinstance(orthogonal, bool):
+        raise TypeError(f"orthogonal must be a bool, got {type(orthogonal).__name__}")
+    _check_generator(generator)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+
+
 def gaussian_orthogonal_random_matrix(
     n_features: int,
     d: int,
@@ -452,14 +508,7 @@ def gaussian_orthogonal_random_matrix(
     Gaussian matrix), each rescaled to the length of an independent Gaussian vector
     ($\chi_d$-distributed): the estimator stays unbiased and its variance drops.
     """
-    check_positive_int(n_features, "n_features")
-    check_positive_int(d, "d")
-    if not isinstance(orthogonal, bool):
-        raise TypeError(f"orthogonal must be a bool, got {type(orthogonal).__name__}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    _check_random_matrix(n_features, d, orthogonal, generator, dtype)
     if not orthogonal:  # iid Gaussian rows
         return torch.randn(n_features, d, generator=generator, dtype=torch.float64).to(
             dtype
@@ -474,6 +523,18 @@ def gaussian_orthogonal_random_matrix(
     # lengths of independent Gaussian vectors: each row is marginally N(0, I)
     norms = torch.randn(n_features, d, generator=generator, dtype=torch.float64)
     return (rows * norms.norm(dim=1, keepdim=True)).to(dtype)
+
+
+def _check_features(x: object, omega: object, stabilize: object) -> None:
+    check_tensor(x, "x", floating=True)
+    check_tensor(omega, "omega", ndim=2, floating=True)
+    if x.dim() < 1 or x.shape[-1] != omega.shape[1]:
+        raise ValueError(
+            f"x (..., d) and omega (m, d) must share d, got x {tuple(x.shape)} and "
+            f"omega {tuple(omega.shape)}"
+        )
+    if stabilize not in (None, "row", "all"):
+        raise ValueError(f"stabilize must be None, 'row' or 'all', got {stabilize!r}")
 
 
 def positive_random_features(
@@ -491,15 +552,7 @@ def positive_random_features(
     cancels in the ratio of attention, and neither may be used when the features
     themselves are compared with $e^{x^\top y}$.
     """
-    check_tensor(x, "x", floating=True)
-    check_tensor(omega, "omega", ndim=2, floating=True)
-    if x.dim() < 1 or x.shape[-1] != omega.shape[1]:
-        raise ValueError(
-            f"x (..., d) and omega (m, d) must share d, got x {tuple(x.shape)} and "
-            f"omega {tuple(omega.shape)}"
-        )
-    if stabilize not in (None, "row", "all"):
-        raise ValueError(f"stabilize must be None, 'row' or 'all', got {stabilize!r}")
+    _check_features(x, omega, stabilize)
     # the exponent omega_i^T x - |x|^2 / 2 of every feature
     z = x @ omega.to(x.dtype).T - (x * x).sum(dim=-1, keepdim=True) / 2  # (..., T, m)
     if stabilize == "row":
@@ -534,6 +587,15 @@ def performer_attention(
     return (phi_q @ kv) / normaliser  # (..., T, d_v)
 
 
+def _check_rotations(x: torch.Tensor, rotations: object) -> None:
+    check_tensor(rotations, "rotations", ndim=2, floating=True)
+    if x.dim() < 1 or x.shape[-1] != rotations.shape[0]:
+        raise ValueError(
+            f"x (..., d) and rotations (d, n_buckets/2) must share d, got x "
+            f"{tuple(x.shape)} and rotations {tuple(rotations.shape)}"
+        )
+
+
 def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     r"""Angular LSH: the bucket of each vector, ``(..., T)`` integers in $[0, n_b)$.
 
@@ -542,12 +604,7 @@ def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     bucket with high probability (Kitaev et al., after Andoni et al. 2015).
     """
     check_tensor(x, "x", floating=True)
-    check_tensor(rotations, "rotations", ndim=2, floating=True)
-    if x.dim() < 1 or x.shape[-1] != rotations.shape[0]:
-        raise ValueError(
-            f"x (..., d) and rotations (d, n_buckets/2) must share d, got x "
-            f"{tuple(x.shape)} and rotations {tuple(rotations.shape)}"
-        )
+    _check_rotations(x, rotations)
     projected = x @ rotations.to(x.dtype)  # (..., T, n_b/2)
     return torch.cat([projected, -projected], dim=-1).argmax(dim=-1)  # (..., T)
 
@@ -585,6 +642,20 @@ def lsh_mask(buckets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return same_bucket & ((behind == 0) | (behind == 1))
 
 
+def _check_lsh_attention(
+    qk: object, v: object, rotations: object, chunk_size: object
+) -> None:
+    check_tensor(qk, "qk", floating=True)
+    check_tensor(v, "v", floating=True)
+    if qk.dim() < 2 or qk.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"qk (..., T, d) and v (..., T, d_v) must share (..., T), got qk "
+            f"{tuple(qk.shape)} and v {tuple(v.shape)}"
+        )
+    _check_rotations(qk, rotations)
+    _check_lsh(qk[..., 0], chunk_size)
+
+
 def lsh_attention(
     qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -598,15 +669,8 @@ def lsh_attention(
 
     Returns ``out`` ``(..., T, d_v)`` and the buckets ``(..., T)``.
     """
-    check_tensor(qk, "qk", floating=True)
-    check_tensor(v, "v", floating=True)
-    if qk.dim() < 2 or qk.shape[:-1] != v.shape[:-1]:
-        raise ValueError(
-            f"qk (..., T, d) and v (..., T, d_v) must share (..., T), got qk "
-            f"{tuple(qk.shape)} and v {tuple(v.shape)}"
-        )
+    _check_lsh_attention(qk, v, rotations, chunk_size)
     buckets = lsh_buckets(qk, rotations)  # (..., T)
-    _check_lsh(buckets, chunk_size)
     seq_len, c = qk.shape[-2], chunk_size
     n_chunks = seq_len // c
     # sort by bucket: similar vectors become neighbours
@@ -614,7 +678,8 @@ def lsh_attention(
     q_s = qk.gather(-2, order[..., None].expand_as(qk))  # (..., T, d)
     v_s = v.gather(-2, order[..., None].expand(*order.shape, v.shape[-1]))
     b_s = buckets.gather(-1, order)  # (..., T), non-decreasing
-    k_s = q_s / q_s.norm(dim=-1, keepdim=True)  # shared QK: unit keys
+    # shared QK: unit keys (a zero query gives a zero key, not 0/0)
+    k_s = nn.functional.normalize(q_s, dim=-1)
 
     def look_back(t: torch.Tensor) -> torch.Tensor:
         """(..., n_c, c, f) -> (..., n_c, 2c, f): the previous chunk, then this one."""

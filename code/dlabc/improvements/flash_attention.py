@@ -395,8 +395,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
 def memory_and_seconds(
     fn: Callable[[], object], device: torch.device | str = "cpu"
 ) -> tuple[int, float]:
-    """The peak memory in bytes (as :func:`peak_memory`) and the wall time in seconds of
-    one call ``fn()``; on CUDA the clock waits for the GPU to finish before and after."""
+    """The peak memory in bytes (as :func:`peak_memory`) and the wall time in seconds
+    of one call ``fn()``; on CUDA the clock waits for the GPU before and after."""
     device = torch.device(device)
     seconds: list[float] = []
 

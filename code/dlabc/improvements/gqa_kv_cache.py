@@ -25,7 +25,8 @@ RoPE, optional sliding window, optional cache), :func:`repeat_kv`,
 sliding window follows Hugging Face's Mistral (the paper counts one key more): with
 ``window`` $= w$ a query at position $i$ sees the keys $j$ with $i - w < j \le i$,
 itself and the $w - 1$ before it (``MistralConfig(sliding_window=w)``).
-:class:`GQALM`, :func:`generate` and :func:`reachable` serve the chapter's experiments.
+:class:`GQALM` (the book's :class:`~dlabc.decoder.DecoderLM` with this attention),
+:func:`generate` and :func:`reachable` serve the chapter's experiments.
 Shapes: ``B`` batch, ``h`` query heads, ``g`` key-value heads (``n_kv_heads``), ``T`` new
 positions, ``S`` cached plus new positions, ``d_head`` features per head.
 """
@@ -37,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlabc.checks import check_number, check_positive_int, check_tensor
-from dlabc.improvements.rope_alibi import apply_rope, rope_cos_sin
+from dlabc.decoder import Cache, DecoderBlock, DecoderLM
+from dlabc.improvements.rope_alibi import _apply_rope, _rope_cos_sin
 from dlabc.transformers.attention_from_scratch import merge_heads, split_heads
 from dlabc.transformers.encoder import FeedForward
-from dlabc.transformers.positional_encoding import ScaledEmbedding
 
 __all__ = [
     "repeat_kv",
@@ -48,7 +49,6 @@ __all__ = [
     "kv_cache_bytes",
     "LayerKVCache",
     "GroupedQueryAttention",
-    "GQABlock",
     "GQALM",
     "generate",
     "reachable",
@@ -137,69 +137,28 @@ def kv_cache_bytes(
     return 2 * n_layers * n_kv_heads * d_head * seq_len * batch * bytes_per_value
 
 
-class LayerKVCache:
+class LayerKVCache(Cache):
     r"""One attention layer's keys (already rotated) and values, for decoding.
 
-    :meth:`update` appends the new positions' keys and values,
+    The book's :class:`~dlabc.decoder.Cache` with two tensors on position axis 2:
+    ``update(k, v)`` appends the new positions' keys and values,
     $K \leftarrow [K;\ K_{new}]$, $V \leftarrow [V;\ V_{new}]$, and returns all of
     them; with ``keep`` it then forgets all but the last ``keep`` positions, Mistral's
     rolling buffer (a window of $w$ needs only the last $w - 1$). ``seen`` counts every
-    position ever appended, so the stored ones are positions
-    ``seen - len(cache) .. seen - 1`` of the sequence. ``k`` and ``v`` are
-    ``(B, g, len(cache), d_head)``, ``None`` while empty.
+    position ever appended, so the stored ones are positions ``start .. seen - 1`` of
+    the sequence. ``k`` and ``v`` are ``(B, g, len(cache), d_head)``, ``None`` while
+    empty.
     """
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.seen = 0
-
-    def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    dim = 2  # (B, g, S, d_head): positions on axis 2
 
     @property
-    def start(self) -> int:
-        """The index in the sequence of the oldest stored position."""
-        return self.seen - len(self)
+    def k(self) -> torch.Tensor | None:
+        return self.tensors[0] if self.tensors else None
 
-    def update(
-        self, k: torch.Tensor, v: torch.Tensor, keep: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``k``, ``v`` ``(B, g, T, d_head)``; return the cached and new ones,
-        ``(B, g, S, d_head)`` each, then keep only the last ``keep`` positions."""
-        check_tensor(k, "k", ndim=4, floating=True)
-        check_tensor(v, "v", ndim=4, floating=True)
-        if k.shape != v.shape:
-            raise ValueError(
-                f"k and v must have the same shape, got {tuple(k.shape)} and "
-                f"{tuple(v.shape)}"
-            )
-        if keep is not None and (
-            isinstance(keep, bool) or not isinstance(keep, int) or keep < 0
-        ):
-            raise ValueError(f"keep must be None or an int >= 0, got {keep!r}")
-        if self.k is not None:
-            expected = (*self.k.shape[:2], self.k.shape[3])
-            got = (*k.shape[:2], k.shape[3])
-            if got != expected or k.dtype != self.k.dtype:
-                raise ValueError(
-                    f"k must be (B, g, T, d_head) with (B, g, d_head) = {expected} "
-                    f"and dtype {self.k.dtype} like the cache, got {tuple(k.shape)} "
-                    f"{k.dtype}"
-                )
-            k = torch.cat([self.k, k], dim=2)  # (B, g, S, d_head)
-            v = torch.cat([self.v, v], dim=2)  # (B, g, S, d_head)
-        self.seen += k.shape[2] - len(self)
-        stored = k.shape[2] if keep is None else min(keep, k.shape[2])
-        self.k = k[:, :, k.shape[2] - stored :]  # (B, g, <= keep, d_head)
-        self.v = v[:, :, v.shape[2] - stored :]
-        return k, v
-
-    def nbytes(self) -> int:
-        """The bytes the stored keys and values take."""
-        if self.k is None:
-            return 0
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+    @property
+    def v(self) -> torch.Tensor | None:
+        return self.tensors[1] if self.tensors else None
 
 
 class GroupedQueryAttention(nn.Module):
@@ -224,7 +183,7 @@ class GroupedQueryAttention(nn.Module):
     ``positions`` an integer tensor ``(T,)`` or ``(B, T)`` of the positions RoPE
     rotates by (default ``cache.seen .. cache.seen + T - 1``, or ``0 .. T - 1``);
     ``cache`` a :class:`LayerKVCache` that the new keys and values are appended to
-    (with a window it keeps only the last ``window - 1``). The mask is by the order in
+    (``LayerKVCache(keep=window - 1)`` suffices for a window). The mask is by the order in
     which positions arrive (as in Hugging Face), not by ``positions``.
     """
 
@@ -279,24 +238,29 @@ class GroupedQueryAttention(nn.Module):
             )
         if cache is not None and not isinstance(cache, LayerKVCache):
             raise TypeError(f"cache must be a LayerKVCache, got {type(cache).__name__}")
+        if cache is not None and len(cache) and cache.k.shape[0] != batch:
+            raise ValueError(f"x has batch size {batch}, the cache {cache.k.shape[0]}")
+        offset = 0 if cache is None else cache.seen  # index of the first new position
+        positions = self._positions(positions, batch, length, offset, x.device)
+        return self._attend(x, positions, cache)
+
+    def _attend(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None
+    ) -> torch.Tensor:
         offset = 0 if cache is None else cache.seen  # index of the first new position
         start = 0 if cache is None else cache.start  # index of the first cached key
-        positions = self._positions(positions, batch, length, offset, x.device)
         q = split_heads(self.q_proj(x), self.n_heads)  # (B, h, T, d_head)
         k = split_heads(self.k_proj(x), self.n_kv_heads)  # (B, g, T, d_head)
         v = split_heads(self.v_proj(x), self.n_kv_heads)  # (B, g, T, d_head)
         # RoPE on queries and keys, at their positions
-        cos, sin = rope_cos_sin(positions, self.d_head, self.base, dtype=x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = positions.to(torch.float64)  # (T,) or (B, T)
+        cos, sin = _rope_cos_sin(p, self.d_head, self.base, x.dtype)  # (.., T, d_head)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         # the cache: keys and values of the earlier positions, then the new ones
         if cache is not None:
-            keep = None if self.window is None else self.window - 1
-            if len(cache) and cache.k.shape[0] != batch:
-                raise ValueError(
-                    f"x has batch size {batch}, the cache {cache.k.shape[0]}"
-                )
-            k, v = cache.update(k, v, keep)  # (B, g, S, d_head) each
+            k, v = cache.update(k, v)  # (B, g, S, d_head) each
         # M: causal, and inside the window
+        length = x.shape[1]
         q_index = torch.arange(offset, offset + length, device=x.device)  # (T,)
         k_index = torch.arange(start, offset + length, device=x.device)  # (S,)
         mask = _allowed(q_index, k_index, self.window, causal=True)  # (T, S)
@@ -325,43 +289,16 @@ class GroupedQueryAttention(nn.Module):
         return positions.to(device)
 
 
-class GQABlock(nn.Module):
-    r"""A pre-LN decoder block with grouped-query attention:
-    $h = x + \mathrm{GQA}(\mathrm{LN}(x))$, $y = h + \mathrm{FFN}(\mathrm{LN}(h))$.
+class GQALM(DecoderLM):
+    r"""The RoPE chapter's language model with :class:`GroupedQueryAttention`.
 
-    The block of the RoPE chapter's ``PositionLM``, with :class:`GroupedQueryAttention`
-    in place of its attention. ``x`` is ``(B, T, d_model)``; ``cache`` goes to the
-    attention.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_kv_heads: int,
-        d_ff: int,
-        window: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
-        self.attn = GroupedQueryAttention(d_model, n_heads, n_kv_heads, window=window)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model, d_ff)
-
-    def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None
-    ) -> torch.Tensor:
-        h = x + self.attn(self.norm1(x), cache=cache)  # (B, T, d_model)
-        return h + self.ff(self.norm2(h))  # (B, T, d_model)
-
-
-class GQALM(nn.Module):
-    r"""A decoder-only language model of :class:`GQABlock`, for cached decoding.
-
-    $h^{(0)} = \sqrt{d}\,E[x]$, $h^{(\ell)} = \mathrm{Block}_\ell(h^{(\ell-1)})$,
-    logits $= \mathrm{LN}(h^{(L)})\,W + b$. ``forward(ids, cache=None)`` takes ids
-    ``(B, T)`` and a list of one :class:`LayerKVCache` per layer (from
-    :meth:`new_cache`), and returns logits ``(B, T, V)`` for the new positions.
+    The book's :class:`~dlabc.decoder.DecoderLM` of pre-LN
+    :class:`~dlabc.decoder.DecoderBlock`: scaled embeddings, grouped-query attention
+    (RoPE, optional ``window``), the encoder chapter's :class:`FeedForward`,
+    LayerNorms and a linear read-out. :meth:`new_cache` makes one
+    :class:`LayerKVCache` per layer (with a window, a rolling buffer of the last
+    ``window - 1`` positions). ``forward(ids, cache=None)``: ids ``(B, T)`` -> logits
+    ``(B, T, V)`` for the new positions.
     """
 
     def __init__(
@@ -374,40 +311,20 @@ class GQALM(nn.Module):
         d_ff: int = 128,
         window: int | None = None,
     ) -> None:
-        super().__init__()
-        self.vocab_size = check_positive_int(vocab_size, "vocab_size")
-        self.n_layers = check_positive_int(n_layers, "n_layers")
-        self.embed = ScaledEmbedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(
-            GQABlock(d_model, n_heads, n_kv_heads, d_ff, window)
-            for _ in range(n_layers)
+        def make_block(i: int) -> DecoderBlock:
+            attn = GroupedQueryAttention(d_model, n_heads, n_kv_heads, window=window)
+            ff = FeedForward(d_model, d_ff)
+            return DecoderBlock(attn, ff, lambda: nn.LayerNorm(d_model))
+
+        keep = None if window is None else window - 1
+        super().__init__(
+            vocab_size,
+            d_model,
+            n_layers,
+            make_block,
+            lambda: nn.LayerNorm(d_model),
+            make_cache=lambda: LayerKVCache(keep),
         )
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size)
-
-    def new_cache(self) -> list[LayerKVCache]:
-        """An empty cache: one :class:`LayerKVCache` per layer."""
-        return [LayerKVCache() for _ in self.blocks]
-
-    def forward(
-        self, ids: torch.Tensor, cache: list[LayerKVCache] | None = None
-    ) -> torch.Tensor:
-        check_tensor(ids, "ids", ndim=2, dtype=torch.long)
-        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab_size:
-            raise ValueError(
-                f"ids must be in [0, {self.vocab_size}), "
-                f"got values in [{int(ids.min())}, {int(ids.max())}]"
-            )
-        if cache is not None and (
-            not isinstance(cache, list) or len(cache) != self.n_layers
-        ):
-            raise ValueError(
-                f"cache must be a list of {self.n_layers} LayerKVCache (new_cache())"
-            )
-        h = self.embed(ids)  # (B, T, d_model)
-        for i, block in enumerate(self.blocks):
-            h = block(h, None if cache is None else cache[i])  # (B, T, d_model)
-        return self.head(self.norm(h))  # (B, T, V)
 
 
 def generate(

@@ -79,16 +79,8 @@ class LoRALinear(nn.Module):
         rslora: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        self.scaling = lora_scaling(r, alpha, rslora)
-        check_number(dropout, "dropout", low=0, high=1, high_open=True)
-        if r > min(base.in_features, base.out_features):
-            raise ValueError(
-                f"r={r} must not exceed min(in_features, out_features) = "
-                f"{min(base.in_features, base.out_features)}: a larger rank adds "
-                "parameters but no expressiveness"
-            )
+        _check_layer(base, r, alpha, dropout, rslora)
+        self.scaling = lora_scaling(r, alpha, rslora)  # s = alpha/r, or alpha/sqrt(r)
         self.base = base
         self.r, self.alpha, self.rslora = r, alpha, rslora
         for p in self.base.parameters():  # W_0 and b stay frozen
@@ -105,12 +97,7 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)  # (d, r) @ (r, k) -> (d, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", floating=True)
-        if x.dim() == 0 or x.shape[-1] != self.base.in_features:
-            raise ValueError(
-                f"x must end in in_features={self.base.in_features}, got shape "
-                f"{tuple(x.shape)}"
-            )
+        _check_input(x, self.base.in_features)
         # W_0 x + b (after merge() the weight already holds W_0 + s B A)
         h = self.base(x)  # (..., d)
         if self.merged:
@@ -144,22 +131,43 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def apply_lora(
-    model: nn.Module,
-    target_names: list[str] | tuple[str, ...],
-    r: int,
-    alpha: float,
-    dropout: float = 0.0,
-    rslora: bool = False,
-) -> nn.Module:
-    """Wrap the targeted ``nn.Linear`` layers of ``model`` in :class:`LoRALinear`
-    and freeze every other parameter; returns ``model``, changed in place.
+def _check_layer(
+    base: object, r: object, alpha: object, dropout: object, rslora: object
+) -> None:
+    """The arguments of :class:`LoRALinear`, checked before anything is built."""
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+    lora_scaling(r, alpha, rslora)  # checks r, alpha and rslora
+    check_number(dropout, "dropout", low=0, high=1, high_open=True)
+    if r > min(base.in_features, base.out_features):
+        raise ValueError(
+            f"r={r} must not exceed min(in_features, out_features) = "
+            f"{min(base.in_features, base.out_features)}: a larger rank adds "
+            "parameters but no expressiveness"
+        )
 
-    A layer is targeted when its name (as in ``model.named_modules()``) equals an
-    entry of ``target_names`` or ends with ``"." + entry``, the rule of peft's
-    ``LoraConfig(target_modules=[...])``: ``["q_proj", "v_proj"]`` hits the query
-    and value projections of every block. Only ``lora_A`` and ``lora_B`` remain
-    trainable.
+
+def _check_input(x: object, in_features: int) -> None:
+    """A floating-point ``x`` of shape ``(..., in_features)`` (metadata, no sync)."""
+    check_tensor(x, "x", floating=True)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must end in in_features={in_features}, got shape {tuple(x.shape)}"
+        )
+
+
+def _find_targets(
+    model: object,
+    target_names: object,
+    r: object,
+    alpha: object,
+    dropout: object,
+    rslora: object,
+) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, layer)`` pairs that :func:`apply_lora` wraps, by peft's name rule.
+
+    Checks everything before the model is changed: the model, the names, that every
+    hit is a plain ``nn.Linear`` without an adapter, and the hyper-parameters.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -190,6 +198,28 @@ def apply_lora(
             raise TypeError(
                 f"{name} is a {type(module).__name__}; LoRA here wraps nn.Linear only"
             )
+        _check_layer(module, r, alpha, dropout, rslora)
+    return hits
+
+
+def apply_lora(
+    model: nn.Module,
+    target_names: list[str] | tuple[str, ...],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> nn.Module:
+    """Wrap the targeted ``nn.Linear`` layers of ``model`` in :class:`LoRALinear`
+    and freeze every other parameter; returns ``model``, changed in place.
+
+    A layer is targeted when its name (as in ``model.named_modules()``) equals an
+    entry of ``target_names`` or ends with ``"." + entry``, the rule of peft's
+    ``LoraConfig(target_modules=[...])``: ``["q_proj", "v_proj"]`` hits the query
+    and value projections of every block. Only ``lora_A`` and ``lora_B`` remain
+    trainable.
+    """
+    hits = _find_targets(model, target_names, r, alpha, dropout, rslora)
     for p in model.parameters():  # freeze everything ...
         p.requires_grad_(False)
     for name, module in hits:  # ... then add the trainable A and B

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.decoder import Cache
 from dlabc.foundations.normalization import RMSNorm
-from dlabc.improvements.rope_alibi import PositionLM, apply_rope, rope_cos_sin
+from dlabc.improvements.rope_alibi import PositionLM, _apply_rope, _rope_cos_sin
 from dlabc.transformers.attention_from_scratch import merge_heads
 
 __all__ = [
@@ -45,53 +46,24 @@ __all__ = [
 ]
 
 
-class LatentCache:
+class LatentCache(Cache):
     r"""The latent KV cache of one MLA layer: per token, $c^{KV}_t$ and $k^R_t$.
 
-    Holds ``c_kv`` ``(B, S, d_c)`` and ``k_rope`` ``(B, S, d_rope)`` (already rotated),
+    The book's :class:`~dlabc.decoder.Cache` with two tensors on position axis 1:
+    ``c_kv`` ``(B, S, d_c)`` and ``k_rope`` ``(B, S, d_rope)`` (already rotated),
     $d_c + d_h^R$ numbers per token instead of the $2 n_h d_h$ of multi-head attention.
-    Empty when made; :meth:`append` adds the new positions and returns everything.
+    ``update(c_kv, k_rope)`` appends the new positions and returns everything.
     """
 
-    def __init__(self) -> None:
-        self.c_kv: torch.Tensor | None = None  # (B, S, d_c)
-        self.k_rope: torch.Tensor | None = None  # (B, S, d_rope)
+    dim = 1  # (B, S, d): positions on axis 1
 
     @property
-    def length(self) -> int:
-        """The number of positions cached so far."""
-        return 0 if self.c_kv is None else self.c_kv.shape[1]
+    def c_kv(self) -> torch.Tensor | None:
+        return self.tensors[0] if self.tensors else None
 
     @property
-    def nbytes(self) -> int:
-        """Bytes held: the elements of ``c_kv`` and ``k_rope`` times their size."""
-        if self.c_kv is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.c_kv, self.k_rope))
-
-    def append(
-        self, c_kv: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add ``c_kv`` ``(B, T, d_c)`` and ``k_rope`` ``(B, T, d_rope)``; return all
-        ``(B, S, d_c)`` and ``(B, S, d_rope)`` with ``S`` = old length + ``T``."""
-        check_tensor(c_kv, "c_kv", ndim=3, floating=True)
-        check_tensor(k_rope, "k_rope", ndim=3, floating=True)
-        if c_kv.shape[:2] != k_rope.shape[:2]:
-            raise ValueError(
-                f"c_kv {tuple(c_kv.shape)} and k_rope {tuple(k_rope.shape)} must "
-                "share (B, T)"
-            )
-        if self.c_kv is not None:
-            old = (self.c_kv.shape[0], self.c_kv.shape[2], self.k_rope.shape[2])
-            new = (c_kv.shape[0], c_kv.shape[2], k_rope.shape[2])
-            if old != new:
-                raise ValueError(
-                    f"(B, d_c, d_rope) = {new} does not match the cache's {old}"
-                )
-            c_kv = torch.cat([self.c_kv, c_kv], dim=1)  # (B, S, d_c)
-            k_rope = torch.cat([self.k_rope, k_rope], dim=1)  # (B, S, d_rope)
-        self.c_kv, self.k_rope = c_kv, k_rope
-        return c_kv, k_rope
+    def k_rope(self) -> torch.Tensor | None:
+        return self.tensors[1] if self.tensors else None
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -182,7 +154,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
         # the rotary part of every head's query turns with its position (eq-mla-rope)
         cos, sin = self._cos_sin(length, offset, x)  # (T, d_rope) each
-        return q_nope, apply_rope(q_rope, cos, sin)
+        return q_nope, _apply_rope(q_rope, cos, sin)
 
     def latent(
         self, x: torch.Tensor, offset: int = 0
@@ -196,7 +168,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, d_c)
         # the shared key is rotated once, as a single "head" (eq-mla-rope)
         cos, sin = self._cos_sin(x.shape[1], offset, x)  # (T, d_rope) each
-        k_rope = apply_rope(k_rope[:, None], cos, sin)[:, 0]  # (B, T, d_rope)
+        k_rope = _apply_rope(k_rope[:, None], cos, sin)[:, 0]  # (B, T, d_rope)
         return c_kv, k_rope
 
     def attend_naive(
@@ -280,11 +252,11 @@ class MultiHeadLatentAttention(nn.Module):
             raise TypeError(f"cache must be a LatentCache, got {type(cache).__name__}")
         if not isinstance(absorb, bool):
             raise TypeError(f"absorb must be a bool, got {type(absorb).__name__}")
-        offset = 0 if cache is None else cache.length
+        offset = 0 if cache is None else cache.seen
         q_nope, q_rope = self.queries(x, offset)  # (B, h, T, d_nope | d_rope)
         c_kv, k_rope = self.latent(x, offset)  # (B, T, d_c), (B, T, d_rope)
         if cache is not None:
-            c_kv, k_rope = cache.append(c_kv, k_rope)  # (B, S, d_c), (B, S, d_rope)
+            c_kv, k_rope = cache.update(c_kv, k_rope)  # (B, S, d_c), (B, S, d_rope)
         attend = self.attend_absorbed if absorb else self.attend_naive
         out = attend(q_nope, q_rope, c_kv, k_rope)  # (B, h, T, d_v)
         return self.o_proj(merge_heads(out))  # (B, T, d_model)
@@ -292,10 +264,8 @@ class MultiHeadLatentAttention(nn.Module):
     def _cos_sin(
         self, length: int, offset: int, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rope_cos_sin(
-            length, self.qk_rope_head_dim, self.base, offset=offset, dtype=x.dtype
-        )  # (T, d_rope) each
-        return cos.to(x.device), sin.to(x.device)
+        p = torch.arange(offset, offset + length, device=x.device).double()  # (T,)
+        return _rope_cos_sin(p, self.qk_rope_head_dim, self.base, x.dtype)
 
 
 def _causal(length: int, total: int, device: torch.device) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.decoder import DecoderBlock, DecoderLM
 from dlabc.foundations.activations import GatedFeedForward
 from dlabc.foundations.normalization import LayerNorm, RMSNorm
 from dlabc.improvements.gqa_kv_cache import GroupedQueryAttention, LayerKVCache
@@ -47,6 +48,7 @@ __all__ = [
     "GeluFeedForward",
     "LlamaBlock",
     "BlockLM",
+    "hf_llama_names",
 ]
 
 NORMS = ("rms", "layer")
@@ -134,16 +136,11 @@ def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
-def _check_flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-class LlamaBlock(nn.Module):
+class LlamaBlock(DecoderBlock):
     r"""The LLaMA decoder block, and the older blocks it replaced.
 
-    With the defaults (``norm_first=True, norm="rms", ffn="swiglu"``), LLaMA's block:
+    The book's :class:`~dlabc.decoder.DecoderBlock` with, by default
+    (``norm_first=True, norm="rms", ffn="swiglu"``), LLaMA's parts:
 
     $h = x + \mathrm{Attn}\big(\mathrm{RMSNorm}_1(x)\big), \qquad
     y = h + \mathrm{SwiGLU}\big(\mathrm{RMSNorm}_2(h)\big),$
@@ -156,9 +153,9 @@ class LlamaBlock(nn.Module):
     each residual addition: $h = \mathrm{N}_1(x + \mathrm{Attn}(x))$,
     $y = \mathrm{N}_2(h + \mathrm{FFN}(h))$. ``norm="layer"`` uses LayerNorm instead
     of RMSNorm, ``ffn="gelu"`` the network of :class:`GeluFeedForward`. No biases
-    anywhere except LayerNorm's shift. The attribute names are Hugging Face's
-    ``LlamaDecoderLayer``'s: ``input_layernorm`` is $\mathrm{N}_1$,
-    ``post_attention_layernorm`` $\mathrm{N}_2$, ``mlp`` the feed-forward network.
+    anywhere except LayerNorm's shift. Hugging Face's ``LlamaDecoderLayer`` calls
+    ``norm1`` ``input_layernorm``, ``attn`` ``self_attn``, ``norm2``
+    ``post_attention_layernorm`` and ``ff`` ``mlp`` (:func:`hf_llama_names`).
     """
 
     def __init__(
@@ -173,56 +170,29 @@ class LlamaBlock(nn.Module):
         eps: float = 1e-6,
         base: float = 10000.0,
     ) -> None:
-        super().__init__()
         check_positive_int(d_model, "d_model")
         check_positive_int(d_ff, "d_ff")
-        self.norm_first = _check_flag(norm_first, "norm_first")
-        self.norm = _check_choice(norm, "norm", NORMS)
-        self.ffn = _check_choice(ffn, "ffn", FFNS)
+        _check_choice(norm, "norm", NORMS)
+        _check_choice(ffn, "ffn", FFNS)
         check_number(eps, "eps", low=0, low_open=True)
-        self.d_model = d_model
-        self.input_layernorm = _make_norm(norm, d_model, eps)
-        self.self_attn = GroupedQueryAttention(d_model, n_heads, n_kv_heads, base=base)
-        self.post_attention_layernorm = _make_norm(norm, d_model, eps)
-        self.mlp = (
+        attn = GroupedQueryAttention(d_model, n_heads, n_kv_heads, base=base)
+        ff = (
             GatedFeedForward(d_model, d_ff, F.silu)  # SiLU gate: SwiGLU
             if ffn == "swiglu"
             else GeluFeedForward(d_model, d_ff)
         )
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: LayerKVCache | None = None,
-    ) -> torch.Tensor:
-        """``x`` ``(B, T, d_model)`` -> ``(B, T, d_model)``; ``positions`` and
-        ``cache`` go to the attention unchanged."""
-        check_tensor(x, "x", ndim=3, floating=True)
-        if x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"x must have shape (B, T, d_model={self.d_model}), "
-                f"got {tuple(x.shape)}"
-            )
-        if self.norm_first:
-            # h = x + Attn(N_1(x)), then y = h + FFN(N_2(h))
-            h = x + self.self_attn(self.input_layernorm(x), positions, cache)
-            return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, d_model)
-        # post-LN: h = N_1(x + Attn(x)), then y = N_2(h + FFN(h))
-        h = self.input_layernorm(x + self.self_attn(x, positions, cache))
-        return self.post_attention_layernorm(h + self.mlp(h))  # (B, T, d_model)
+        super().__init__(attn, ff, lambda: _make_norm(norm, d_model, eps), norm_first)
+        self.d_model = d_model
 
 
-class BlockLM(nn.Module):
+class BlockLM(DecoderLM):
     r"""A decoder-only language model of :class:`LlamaBlock` layers.
 
-    $h^{(0)} = E[x]$, $h^{(\ell)} = \mathrm{Block}_\ell(h^{(\ell-1)})$, logits
-    $= \mathrm{N}(h^{(L)})\,W_{head}$. Positions enter only through RoPE inside the
-    attention. A pre-norm stack ends in an un-normalized residual stream and gets a
-    final norm ``norm``; a post-norm stack already ends in one and gets none. The
-    names are those of Hugging Face's ``LlamaForCausalLM`` without its ``model.``
-    prefix: ``embed_tokens``, ``layers``, ``norm``, ``lm_head``. ``forward`` takes
-    ids ``(B, T)`` and returns logits ``(B, T, V)``.
+    The book's :class:`~dlabc.decoder.DecoderLM` as LLaMA builds it: unscaled
+    embeddings, positions only through RoPE inside the attention, a read-out without
+    bias. A pre-norm stack ends in an un-normalized residual stream and gets a final
+    norm ``norm``; a post-norm stack already ends in one and gets none. Its cache is
+    one :class:`LayerKVCache` per layer. Ids ``(B, T)`` -> logits ``(B, T, V)``.
     """
 
     def __init__(
@@ -238,29 +208,46 @@ class BlockLM(nn.Module):
         ffn: str = "swiglu",
         eps: float = 1e-6,
     ) -> None:
-        super().__init__()
-        self.vocab_size = check_positive_int(vocab_size, "vocab_size")
         check_positive_int(d_model, "d_model")
-        check_positive_int(n_layers, "n_layers")
+        _check_choice(norm, "norm", NORMS)
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        self.embed_tokens = nn.Embedding(vocab_size, d_model)
-        self.layers = nn.ModuleList(
-            LlamaBlock(d_model, n_heads, n_kv_heads, d_ff, norm_first, norm, ffn, eps)
-            for _ in range(n_layers)
-        )
-        self.norm = _make_norm(norm, d_model, eps) if norm_first else None
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        check_tensor(ids, "ids", ndim=2, dtype=torch.long)
-        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab_size:
-            raise ValueError(
-                f"ids must lie in [0, {self.vocab_size}), "
-                f"got values in [{int(ids.min())}, {int(ids.max())}]"
+        def make_block(i: int) -> LlamaBlock:
+            return LlamaBlock(
+                d_model, n_heads, n_kv_heads, d_ff, norm_first, norm, ffn, eps
             )
-        h = self.embed_tokens(ids)  # (B, T, d_model)
-        for layer in self.layers:
-            h = layer(h)  # (B, T, d_model)
-        if self.norm is not None:
-            h = self.norm(h)  # (B, T, d_model)
-        return self.lm_head(h)  # (B, T, V)
+
+        super().__init__(
+            vocab_size,
+            d_model,
+            n_layers,
+            make_block,
+            (lambda: _make_norm(norm, d_model, eps)) if norm_first else None,
+            scale_embedding=False,
+            head_bias=False,
+            make_cache=LayerKVCache,
+        )
+
+
+# our names -> Hugging Face's LlamaForCausalLM names (LlamaDecoderLayer's in a layer)
+_HF_LLAMA = {
+    "embed": "model.embed_tokens",
+    "blocks": "model.layers",
+    "norm": "model.norm",  # the final norm
+    "head": "lm_head",
+    "norm1": "input_layernorm",
+    "attn": "self_attn",
+    "norm2": "post_attention_layernorm",
+    "ff": "mlp",
+}
+
+
+def hf_llama_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` of a :class:`BlockLM` or :class:`LlamaBlock` under Hugging
+    Face's names, for ``LlamaForCausalLM`` or ``LlamaDecoderLayer.load_state_dict``."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    return {
+        ".".join(_HF_LLAMA.get(part, part) for part in key.split(".")): value
+        for key, value in state_dict.items()
+    }

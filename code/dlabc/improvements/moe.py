@@ -19,8 +19,8 @@ The experts are the activations chapter's SwiGLU :class:`GatedFeedForward`; the
 parameter names (``gate.weight``, ``experts[i].gate_proj`` ...) follow Hugging Face's
 Mixtral, so copying weights into ``MixtralSparseMoeBlock`` is a short loop. A
 :class:`SparseMoE` takes ``(..., d_model)`` and returns the same shape, so it fits the
-feed-forward slot of the encoder chapter's pre-LN :class:`EncoderLayer` (used with a
-causal mask as a decoder block in :class:`TinyLM`). Shapes: ``N`` tokens, ``E``
+feed-forward slot of the book's :class:`~dlabc.decoder.DecoderBlock` (in
+:class:`TinyLM`). Shapes: ``N`` tokens, ``E``
 experts, ``k`` experts per token.
 """
 
@@ -36,12 +36,9 @@ from torch import nn
 from dlabc.checks import check_number, check_positive_int, check_tensor
 from dlabc.foundations.activations import GatedFeedForward
 from dlabc.foundations.normalization import LayerNorm
-from dlabc.transformers.attention_from_scratch import causal_mask
-from dlabc.transformers.encoder import EncoderLayer
-from dlabc.transformers.positional_encoding import (
-    ScaledEmbedding,
-    SinusoidalPositionalEncoding,
-)
+from dlabc.decoder import DecoderBlock, DecoderLM
+from dlabc.improvements.rope_alibi import CausalSelfAttention
+from dlabc.transformers.positional_encoding import SinusoidalPositionalEncoding
 
 __all__ = [
     "Routing",
@@ -279,15 +276,15 @@ class SparseMoE(nn.Module):
         return load_balancing_loss(r.probs, r.experts), router_z_loss(r.logits)
 
 
-class TinyLM(nn.Module):
-    """A decoder-only language model: pre-LN :class:`EncoderLayer` blocks under a
-    causal mask, each with its feed-forward slot filled by ``make_ffn()``.
+class TinyLM(DecoderLM):
+    """A decoder-only language model whose feed-forward slots hold ``make_ffn()``.
 
-    Scaled embeddings plus sinusoidal positions, ``n_layers`` blocks
-    $x \\leftarrow x + \\mathrm{Attn}(\\mathrm{LN}(x))$,
-    $x \\leftarrow x + \\mathrm{FFN}(\\mathrm{LN}(x))$, a final norm and a linear
-    read-out. ``make_ffn`` builds a dense :class:`GatedFeedForward` or a
-    :class:`SparseMoE`.
+    The book's :class:`~dlabc.decoder.DecoderLM`: scaled embeddings plus sinusoidal
+    positions, ``n_layers`` pre-LN :class:`~dlabc.decoder.DecoderBlock` of the RoPE
+    chapter's causal :class:`CausalSelfAttention` (without positions of its own) and
+    ``make_ffn()``, a final norm and a linear read-out. ``make_ffn`` builds a dense
+    :class:`GatedFeedForward` or a :class:`SparseMoE`. Ids ``(B, T)`` -> logits
+    ``(B, T, vocab_size)``.
     """
 
     def __init__(
@@ -299,29 +296,21 @@ class TinyLM(nn.Module):
         make_ffn,
         max_len: int = 512,
     ) -> None:
-        super().__init__()
-        check_positive_int(vocab_size, "vocab_size")
-        check_positive_int(n_layers, "n_layers")
         if not callable(make_ffn):
             raise TypeError(f"make_ffn must be callable, got {make_ffn!r}")
-        self.embedding = ScaledEmbedding(vocab_size, d_model)
-        self.positions = SinusoidalPositionalEncoding(d_model, max_len=max_len)
-        self.blocks = nn.ModuleList()
-        for _ in range(n_layers):
-            block = EncoderLayer(d_model, n_heads, 4 * d_model, norm_first=True)
-            block.ff = make_ffn()  # the feed-forward slot
-            self.blocks.append(block)
-        self.norm = LayerNorm(d_model, eps=1e-5)
-        self.head = nn.Linear(d_model, vocab_size)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` ``(B, T)`` -> logits ``(B, T, vocab_size)``."""
-        check_tensor(tokens, "tokens", ndim=2, dtype=torch.long)
-        mask = causal_mask(tokens.shape[1], device=tokens.device)  # (T, T)
-        x = self.positions(self.embedding(tokens))  # (B, T, d)
-        for block in self.blocks:
-            x, _ = block(x, mask)  # (B, T, d)
-        return self.head(self.norm(x))  # (B, T, V)
+        def make_block(i: int) -> DecoderBlock:
+            attn = CausalSelfAttention(d_model, n_heads, positions="none")
+            return DecoderBlock(attn, make_ffn(), lambda: LayerNorm(d_model, eps=1e-5))
+
+        super().__init__(
+            vocab_size,
+            d_model,
+            n_layers,
+            make_block,
+            lambda: LayerNorm(d_model, eps=1e-5),
+            positions=SinusoidalPositionalEncoding(d_model, max_len=max_len),
+        )
 
     def moe_layers(self) -> list[SparseMoE]:
         """The :class:`SparseMoE` feed-forward layers, first block first."""

@@ -21,8 +21,9 @@ The public API that later chapters import: :func:`rope_frequencies`,
 LLaMA and Hugging Face), :func:`alibi_slopes` and :func:`alibi_bias`. The paper's own
 layout, adjacent pairs $(2i, 2i+1)$, is :func:`apply_rope_interleaved`;
 :func:`interleaved_to_half` is the permutation between the two. :class:`PositionLM`
-is a small pre-LN decoder-only character model whose ``positions`` switch selects
-"none", "sinusoidal", "rope" or "alibi". Shapes: ``B`` batch, ``h`` heads, ``T``
+is a small pre-LN decoder-only character model, the book's
+:class:`~dlabc.decoder.DecoderLM`, whose ``positions`` switch selects "none",
+"sinusoidal", "rope" or "alibi". Shapes: ``B`` batch, ``h`` heads, ``T``
 positions, ``d_head`` features per head.
 """
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.decoder import DecoderBlock, DecoderLM
 from dlabc.transformers.attention_from_scratch import (
     causal_mask,
     merge_heads,
@@ -42,7 +44,6 @@ from dlabc.transformers.attention_from_scratch import (
 )
 from dlabc.transformers.encoder import FeedForward
 from dlabc.transformers.positional_encoding import (
-    ScaledEmbedding,
     SinusoidalPositionalEncoding,
     angular_frequencies,
 )
@@ -58,7 +59,6 @@ __all__ = [
     "alibi_bias",
     "POSITIONS",
     "CausalSelfAttention",
-    "DecoderBlock",
     "PositionLM",
     "lm_loss",
     "loss_by_position",
@@ -113,13 +113,22 @@ def rope_cos_sin(
             raise TypeError(
                 f"positions must be an integer tensor, got dtype {positions.dtype}"
             )
-        if positions.numel() and positions.min() < 0:
-            raise ValueError("positions must be non-negative")
+        if positions.device.type == "cpu" and positions.numel():  # no GPU sync
+            if positions.min() < 0:
+                raise ValueError("positions must be non-negative")
         p = positions.to(torch.float64) + offset  # (...)
     else:
         length = check_positive_int(positions, "positions")
         p = torch.arange(offset, offset + length, dtype=torch.float64)  # (T,)
-    theta = rope_frequencies(d_head, base).to(p.device)  # (d/2,)
+    check_number(base, "base", low=1, low_open=True)
+    return _rope_cos_sin(p, d_head, base, dtype)
+
+
+def _rope_cos_sin(
+    p: torch.Tensor, d_head: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_cos_sin` for float64 positions ``p`` ``(...)``, unchecked."""
+    theta = angular_frequencies(d_head, base).to(p.device)  # (d/2,): theta_i
     angles = p[..., None] * theta  # (..., d/2): p * theta_i
     angles = torch.cat((angles, angles), dim=-1)  # (..., d): the half layout
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -134,6 +143,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     check_tensor(x, "x", floating=True)
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"x must end in an even size, got shape {tuple(x.shape)}")
+    return _rotate_half(x)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate_half`, unchecked."""
     x1, x2 = x.chunk(2, dim=-1)  # (..., d/2) each
     return torch.cat((-x2, x1), dim=-1)  # (..., d)
 
@@ -161,9 +175,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
                 f"(B, T, d_head) = {(batch, length, d_head)} for x of shape "
                 f"{tuple(x.shape)}, got {tuple(t.shape)}"
             )
+    return _apply_rope(x, cos, sin)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope`, unchecked: what the attention layers call."""
     if cos.dim() == 3:  # (B, T, d) -> (B, 1, T, d): the same angles for every head
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin  # (B, h, T, d_head)
+    # RoPE(x) = x * cos + rotate_half(x) * sin
+    return x * cos + _rotate_half(x) * sin  # (B, h, T, d_head)
 
 
 def interleaved_to_half(d_head: int) -> torch.Tensor:
@@ -276,59 +296,39 @@ class CausalSelfAttention(nn.Module):
         self.W_v = nn.Linear(d_model, d_model, bias=False)
         self.W_o = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: None = None) -> torch.Tensor:
         _check_features(x, self.d_model)
+        if cache is not None:
+            raise ValueError("cache must be None: CausalSelfAttention keeps no cache")
+        return self._attend(x)
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
         length = x.shape[1]
         q = split_heads(self.W_q(x), self.n_heads)  # (B, h, T, d_head)
         k = split_heads(self.W_k(x), self.n_heads)  # (B, h, T, d_head)
         v = split_heads(self.W_v(x), self.n_heads)  # (B, h, T, d_head)
-        if self.positions == "rope":
-            cos, sin = rope_cos_sin(length, self.d_head, self.base, dtype=x.dtype)
-            cos, sin = cos.to(x.device), sin.to(x.device)  # (T, d_head)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.positions == "alibi":
+        if self.positions == "rope":  # rotate queries and keys by their positions
+            p = torch.arange(length, device=x.device, dtype=torch.float64)  # (T,)
+            cos, sin = _rope_cos_sin(p, self.d_head, self.base, x.dtype)  # (T, d_head)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if self.positions == "alibi":  # B = -m (i - j), and the causal mask
             bias = alibi_bias(self.n_heads, length, x.device).to(x.dtype)  # (h, T, T)
-        else:
+        else:  # B = the causal mask
             bias = causal_mask(length, x.device)  # (T, T), True = may attend
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, T, dh)
         return self.W_o(merge_heads(out))  # (B, T, d_model)
 
 
-class DecoderBlock(nn.Module):
-    r"""A pre-LN decoder block: $h = x + \mathrm{Attn}(\mathrm{LN}(x))$,
-    $y = h + \mathrm{FFN}(\mathrm{LN}(h))$.
-
-    The attention is :class:`CausalSelfAttention`; the feed-forward network and the
-    layer norm are the ones of the earlier chapters. ``x`` is ``(B, T, d_model)``.
-    """
-
-    def __init__(
-        self, d_model: int, n_heads: int, d_ff: int, positions: str = "rope"
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, positions)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model, d_ff)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.norm1(x))  # (B, T, d_model)
-        return h + self.ff(self.norm2(h))  # (B, T, d_model)
-
-
-class PositionLM(nn.Module):
+class PositionLM(DecoderLM):
     r"""A decoder-only character language model with a choice of positional scheme.
 
-    $h^{(0)} = \sqrt{d}\,E[x] \;(+\,PE \text{ if sinusoidal})$,
-    $h^{(\ell)} = \mathrm{Block}_\ell(h^{(\ell-1)})$,
-    $p(x_{t+1} \mid x_{\le t}) =
-    \mathrm{softmax}\big(\mathrm{LN}(h^{(L)}_t)\,W + b\big)$.
-
+    The book's :class:`~dlabc.decoder.DecoderLM`: scaled embeddings, ``n_layers``
+    pre-LN :class:`~dlabc.decoder.DecoderBlock` of :class:`CausalSelfAttention` and the
+    encoder chapter's :class:`FeedForward`, a final LayerNorm and a linear read-out.
     ``positions`` is one of :data:`POSITIONS`: "none" (only the causal mask tells
-    positions apart), "sinusoidal" (Vaswani et al., added to the input), "rope" or
-    "alibi" (inside every attention layer). ``max_len`` bounds the sinusoidal table
-    only; the other schemes accept any length. ``forward`` takes ids ``(B, T)`` and
-    returns logits ``(B, T, V)``.
+    positions apart), "sinusoidal" (Vaswani et al., added to the input, at most
+    ``max_len`` positions), "rope" or "alibi" (inside every attention layer, any
+    length). Ids ``(B, T)`` -> logits ``(B, T, V)``.
     """
 
     def __init__(
@@ -341,40 +341,24 @@ class PositionLM(nn.Module):
         positions: str = "rope",
         max_len: int = 4096,
     ) -> None:
-        super().__init__()
-        self.vocab_size = check_positive_int(vocab_size, "vocab_size")
-        check_positive_int(n_layers, "n_layers")
-        self.positions = _check_positions(positions)
-        self.max_len = check_positive_int(max_len, "max_len")
-        self.embed = ScaledEmbedding(vocab_size, d_model)
-        self.pe = (
-            SinusoidalPositionalEncoding(d_model, max_len)
-            if positions == "sinusoidal"
-            else None
-        )
-        self.blocks = nn.ModuleList(
-            DecoderBlock(d_model, n_heads, d_ff, positions) for _ in range(n_layers)
-        )
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size)
+        _check_positions(positions)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", ndim=2, dtype=torch.long)
-        if x.numel() and not 0 <= int(x.min()) <= int(x.max()) < self.vocab_size:
-            raise ValueError(
-                f"x must hold ids in [0, {self.vocab_size}), "
-                f"got values in [{int(x.min())}, {int(x.max())}]"
-            )
-        if x.shape[1] > self.max_len:
-            raise ValueError(
-                f"x has {x.shape[1]} positions, more than max_len={self.max_len}"
-            )
-        h = self.embed(x)  # (B, T, d_model)
-        if self.pe is not None:
-            h = self.pe(h)  # (B, T, d_model)
-        for block in self.blocks:
-            h = block(h)  # (B, T, d_model)
-        return self.head(self.norm(h))  # (B, T, V)
+        def make_block(i: int) -> DecoderBlock:
+            attn = CausalSelfAttention(d_model, n_heads, positions)
+            ff = FeedForward(d_model, d_ff)
+            return DecoderBlock(attn, ff, lambda: nn.LayerNorm(d_model))
+
+        super().__init__(
+            vocab_size,
+            d_model,
+            n_layers,
+            make_block,
+            lambda: nn.LayerNorm(d_model),
+            positions=SinusoidalPositionalEncoding(d_model, max_len)
+            if positions == "sinusoidal"
+            else None,
+        )
+        self.max_len = check_positive_int(max_len, "max_len")
 
 
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -112,6 +112,19 @@ def _check_ids(ids: object, name: str) -> torch.Tensor:
     return ids
 
 
+def _check_batches(
+    ids: object, batch_size: object, seq_len: object, n_batches: object
+) -> None:
+    _check_ids(ids, "ids")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(seq_len, "seq_len")
+    check_positive_int(n_batches, "n_batches")
+    if seq_len + 1 > len(ids):
+        raise ValueError(
+            f"seq_len + 1 = {seq_len + 1} must not exceed the length of ids, {len(ids)}"
+        )
+
+
 def batches(
     ids: torch.Tensor,
     batch_size: int,
@@ -127,14 +140,7 @@ def batches(
     predict after reading ``inputs[b, : t + 1]``. Tensors are on ``ids``' device; the
     positions come from the CPU ``generator``.
     """
-    _check_ids(ids, "ids")
-    check_positive_int(batch_size, "batch_size")
-    check_positive_int(seq_len, "seq_len")
-    check_positive_int(n_batches, "n_batches")
-    if seq_len + 1 > len(ids):
-        raise ValueError(
-            f"seq_len + 1 = {seq_len + 1} must not exceed the length of ids, {len(ids)}"
-        )
+    _check_batches(ids, batch_size, seq_len, n_batches)
 
     def draw() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         offsets = torch.arange(seq_len + 1)  # (T + 1,)
@@ -189,24 +195,30 @@ class CharLSTM(nn.Module):
         x: torch.Tensor,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        check_tensor(x, "x", ndim=2, dtype=torch.long)
-        if x.numel() and not 0 <= int(x.min()) <= int(x.max()) < self.vocab_size:
-            raise ValueError(
-                f"x must hold ids in [0, {self.vocab_size}), "
-                f"got values in [{int(x.min())}, {int(x.max())}]"
-            )
-        if state is not None:
-            if not (isinstance(state, tuple) and len(state) == 2):
-                raise TypeError("state must be a tuple (h, c)")
-            expected = (self.lstm.num_layers, len(x), self.lstm.hidden_size)
-            for name, s in zip("hc", state, strict=True):
-                check_tensor(s, f"state {name}", ndim=3, floating=True)
-                if tuple(s.shape) != expected:
-                    raise ValueError(
-                        f"state {name} must have shape {expected}, got {tuple(s.shape)}"
-                    )
+        _check_input(self, x, state)
         h, state = self.lstm(self.embed(x), state)  # (B, T, H), ((L, B, H), (L, B, H))
         return self.head(h), state  # (B, T, V)
+
+
+def _check_input(model: CharLSTM, x: object, state: object) -> None:
+    """Shapes and dtypes; the ids' range only on the CPU (no GPU sync)."""
+    check_tensor(x, "x", ndim=2, dtype=torch.long)
+    on_cpu = x.device.type == "cpu"
+    if on_cpu and x.numel() and not 0 <= x.min() <= x.max() < model.vocab_size:
+        raise ValueError(
+            f"x must hold ids in [0, {model.vocab_size}), "
+            f"got values in [{int(x.min())}, {int(x.max())}]"
+        )
+    if state is not None:
+        if not (isinstance(state, tuple) and len(state) == 2):
+            raise TypeError("state must be a tuple (h, c)")
+        expected = (model.lstm.num_layers, len(x), model.lstm.hidden_size)
+        for name, s in zip("hc", state, strict=True):
+            check_tensor(s, f"state {name}", ndim=3, floating=True)
+            if tuple(s.shape) != expected:
+                raise ValueError(
+                    f"state {name} must have shape {expected}, got {tuple(s.shape)}"
+                )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -254,6 +266,27 @@ def evaluate_loss(
     return float(total) / (streams * (length - 1))
 
 
+def _check_training(
+    model: object,
+    train_ids: object,
+    valid_ids: object,
+    steps: object,
+    warmup_steps: object,
+    lr: object,
+) -> None:
+    if not isinstance(model, CharLSTM):
+        raise TypeError(f"model must be a CharLSTM, got {type(model).__name__}")
+    _check_ids(train_ids, "train_ids")
+    _check_ids(valid_ids, "valid_ids")
+    check_positive_int(steps, "steps")
+    check_positive_int(warmup_steps, "warmup_steps")
+    if warmup_steps >= steps:
+        raise ValueError(
+            f"warmup_steps ({warmup_steps}) must be less than steps ({steps})"
+        )
+    check_number(lr, "lr", low=0, low_open=True)
+
+
 def train_char_lm(
     model: CharLSTM,
     train_ids: torch.Tensor,
@@ -279,17 +312,7 @@ def train_char_lm(
     measures the loss on ``valid_ids``: ``history.metrics["valid_loss"]`` at the step
     counts ``history.eval_steps``.
     """
-    if not isinstance(model, CharLSTM):
-        raise TypeError(f"model must be a CharLSTM, got {type(model).__name__}")
-    _check_ids(train_ids, "train_ids")
-    _check_ids(valid_ids, "valid_ids")
-    check_positive_int(steps, "steps")
-    check_positive_int(warmup_steps, "warmup_steps")
-    if warmup_steps >= steps:
-        raise ValueError(
-            f"warmup_steps ({warmup_steps}) must be less than steps ({steps})"
-        )
-    check_number(lr, "lr", low=0, low_open=True)
+    _check_training(model, train_ids, valid_ids, steps, warmup_steps, lr)
     device = _model_device(model)
 
     def loss_fn(model: CharLSTM, batch: tuple[torch.Tensor, torch.Tensor]):
@@ -312,6 +335,31 @@ def train_char_lm(
     )
 
 
+def _check_sampling(
+    model: object,
+    vocab: object,
+    prompt: object,
+    n: object,
+    temperature: object,
+    generator: object,
+) -> None:
+    if not isinstance(model, CharLSTM):
+        raise TypeError(f"model must be a CharLSTM, got {type(model).__name__}")
+    if not isinstance(vocab, CharVocab):
+        raise TypeError(f"vocab must be a CharVocab, got {type(vocab).__name__}")
+    if len(vocab) != model.vocab_size:
+        raise ValueError(
+            f"vocab has {len(vocab)} characters but the model predicts "
+            f"{model.vocab_size}"
+        )
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty str, got {prompt!r}")
+    check_positive_int(n, "n")
+    check_number(temperature, "temperature", low=0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
+
+
 def sample(
     model: CharLSTM,
     vocab: CharVocab,
@@ -330,21 +378,7 @@ def sample(
     The draws use the CPU ``generator``, so a seeded generator gives the same text on
     every device. Returns the new characters only.
     """
-    if not isinstance(model, CharLSTM):
-        raise TypeError(f"model must be a CharLSTM, got {type(model).__name__}")
-    if not isinstance(vocab, CharVocab):
-        raise TypeError(f"vocab must be a CharVocab, got {type(vocab).__name__}")
-    if len(vocab) != model.vocab_size:
-        raise ValueError(
-            f"vocab has {len(vocab)} characters but the model predicts "
-            f"{model.vocab_size}"
-        )
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"prompt must be a non-empty str, got {prompt!r}")
-    check_positive_int(n, "n")
-    temperature = check_number(temperature, "temperature", low=0)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
+    _check_sampling(model, vocab, prompt, n, temperature, generator)
     was_training = model.training
     model.eval()
     device = _model_device(model)

@@ -301,8 +301,14 @@ def clip_gradients(grads: Sequence[np.ndarray], max_norm: float) -> float:
         check_array(grad, f"grads[{i}]")
         if not grad.flags.writeable:
             raise ValueError(f"grads[{i}] must be writeable: it is clipped in place")
+    return _clip(grads, max_norm)
+
+
+def _clip(grads: Sequence[np.ndarray], max_norm: float) -> float:
+    """:func:`clip_gradients` without its checks: clip in place, return the norm."""
+    # each array becomes the .grad of a stand-in parameter, sharing its memory
     stand_ins = [SimpleNamespace(grad=torch.from_numpy(grad)) for grad in grads]
-    return clip_grad_norm(stand_ins, max_norm)
+    return clip_grad_norm(stand_ins, max_norm)  # g <- g min(1, c / |g|)
 
 
 def train_tbptt(
@@ -347,6 +353,20 @@ def train_tbptt(
     lr = check_number(lr, "lr", low=0, low_open=True)
     if max_norm is not None:
         max_norm = check_number(max_norm, "max_norm", low=0, low_open=True)
+    return _train_tbptt(model, head, x, y, chunk_length, lr, max_norm)
+
+
+def _train_tbptt(
+    model: RNN,
+    head: Dense,
+    x: np.ndarray,
+    y: np.ndarray,
+    chunk_length: int,
+    lr: float,
+    max_norm: float | None,
+) -> dict[str, list[float]]:
+    """The loop of :func:`train_tbptt`, for arguments it has checked."""
+    H = model.hidden_size
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "grad_norm": []}
     h = None  # the state carried from chunk to chunk
     for start in range(0, len(x), chunk_length):
@@ -361,7 +381,7 @@ def train_tbptt(
         if max_norm is None:
             norm = float(np.sqrt(sum((grad**2).sum() for grad in grads)))
         else:
-            norm = clip_gradients(grads, max_norm)
+            norm = _clip(grads, max_norm)
         history["loss"].append(loss)
         history["accuracy"].append(float((logits.argmax(1) == yc.reshape(-1)).mean()))
         history["grad_norm"].append(norm)

@@ -78,14 +78,22 @@ def padding_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     The middle axis has size 1 so that the mask broadcasts over the queries: a padded
     key is hidden from every query.
     """
+    _check_lengths(lengths, seq_len)
+    positions = torch.arange(seq_len, device=lengths.device)  # (T,)
+    return (positions < lengths[:, None]).unsqueeze(1)  # (B, 1, T)
+
+
+def _check_lengths(lengths: object, seq_len: object) -> None:
     check_tensor(lengths, "lengths", ndim=1)
     check_positive_int(seq_len, "seq_len")
     if lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
-    if len(lengths) and (lengths.min() < 1 or lengths.max() > seq_len):
-        raise ValueError(f"lengths must lie in 1..{seq_len}, got {lengths.tolist()}")
-    positions = torch.arange(seq_len, device=lengths.device)  # (T,)
-    return (positions < lengths[:, None]).unsqueeze(1)  # (B, 1, T)
+    # a value check reads the tensor: only where that costs no GPU sync
+    if lengths.device.type == "cpu" and len(lengths):
+        if lengths.min() < 1 or lengths.max() > seq_len:
+            raise ValueError(
+                f"lengths must lie in 1..{seq_len}, got {lengths.tolist()}"
+            )
 
 
 def check_mask(
@@ -93,7 +101,9 @@ def check_mask(
 ) -> torch.Tensor:
     """Check a boolean ``mask`` against the attention scores' shape.
 
-    It must broadcast to ``scores_shape`` and leave every query a key.
+    It must broadcast to ``scores_shape`` and leave every query a key. That last check
+    reads the mask's values, so it runs only for a mask on the CPU: on a GPU it would
+    make the host wait for the device on every call.
     """
     check_tensor(mask, "mask", dtype=torch.bool)
     scores_shape = tuple(scores_shape)
@@ -111,7 +121,7 @@ def check_mask(
             f"mask of shape {tuple(mask.shape)} does not broadcast to the attention "
             f"scores' shape {scores_shape} (..., queries, keys)"
         )
-    if not mask.any(dim=-1).all():
+    if mask.device.type == "cpu" and not mask.any(dim=-1).all():
         raise ValueError(
             "mask hides every key from at least one query; "
             "each query needs one key to attend to"
@@ -122,14 +132,12 @@ def check_mask(
 def scaled_dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Scaled dot-product attention (Vaswani et al., eq. 1).
-
-    $\mathrm{Attention}(Q, K, V) = \mathrm{softmax}\!\left(QK^\top/\sqrt{d_k}\right)V$
+    """Scaled dot-product attention (Vaswani et al., eq. 1), with its arguments checked.
 
     Shapes: ``q`` is ``(..., T_q, d_k)``, ``k`` is ``(..., T_k, d_k)``, ``v`` is
     ``(..., T_k, d_v)``, ``mask`` (optional, boolean) broadcasts to ``(..., T_q, T_k)``.
     Returns the output ``(..., T_q, d_v)`` and the attention weights
-    ``(..., T_q, T_k)``.
+    ``(..., T_q, T_k)``. The computation is :func:`_attention`.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, floating=True)
@@ -148,11 +156,20 @@ def scaled_dot_product_attention(
             f"k and v must have the same length T_k, got k {tuple(k.shape)} "
             f"and v {tuple(v.shape)}"
         )
+    if mask is not None:
+        scores_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        check_mask(mask, (*scores_shape, q.shape[-2], k.shape[-2]))
+    return _attention(q, k, v, mask)
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""$\mathrm{Attention}(Q, K, V) = \mathrm{softmax}(QK^\top / \sqrt{d_k})\,V$."""
     d_k = q.shape[-1]
     # every query-key similarity, scaled so its variance does not grow with d_k
     scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (..., T_q, T_k)
     if mask is not None:
-        check_mask(mask, scores.shape)
         # a hidden key gets weight e^-inf = 0
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = softmax(scores, dim=-1)  # (..., T_q, T_k), each row sums to 1
@@ -196,7 +213,7 @@ def expand_mask_for_heads(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.unsqueeze(-3)  # (..., 1, T_q, T_k)
 
 
-def _check_mha_inputs(x_q, x_kv, weights, n_heads):
+def _check_mha_inputs(x_q, x_kv, W_q, W_k, W_v, W_o, n_heads, mask):
     check_tensor(x_q, "x_q", ndim=3, floating=True)
     check_tensor(x_kv, "x_kv", ndim=3, floating=True)
     d_model = x_q.shape[-1]
@@ -205,7 +222,7 @@ def _check_mha_inputs(x_q, x_kv, weights, n_heads):
             f"x_q {tuple(x_q.shape)} and x_kv {tuple(x_kv.shape)} "
             "must share batch size and d_model"
         )
-    for name, w in weights.items():
+    for name, w in {"W_q": W_q, "W_k": W_k, "W_v": W_v, "W_o": W_o}.items():
         check_tensor(w, name, ndim=2, floating=True)
         if w.shape != (d_model, d_model):
             raise ValueError(
@@ -215,6 +232,8 @@ def _check_mha_inputs(x_q, x_kv, weights, n_heads):
     check_positive_int(n_heads, "n_heads")
     if d_model % n_heads:
         raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+    if mask is not None:
+        check_mask(mask, (x_q.shape[0], x_q.shape[1], x_kv.shape[1]))
 
 
 def multi_head_attention_loop(
@@ -237,9 +256,7 @@ def multi_head_attention_loop(
     ``(d_model, d_model)``, ``mask`` broadcasts to ``(B, T_q, T_k)``. Returns the output
     ``(B, T_q, d_model)`` and the weights ``(B, n_heads, T_q, T_k)``.
     """
-    _check_mha_inputs(
-        x_q, x_kv, {"W_q": W_q, "W_k": W_k, "W_v": W_v, "W_o": W_o}, n_heads
-    )
+    _check_mha_inputs(x_q, x_kv, W_q, W_k, W_v, W_o, n_heads, mask)
     d_head = x_q.shape[-1] // n_heads
     heads, weights = [], []
     for i in range(n_heads):
@@ -248,7 +265,7 @@ def multi_head_attention_loop(
         k = x_kv @ W_k[:, cols]  # (B, T_k, d_head)
         v = x_kv @ W_v[:, cols]  # (B, T_k, d_head)
         # (B, T_q, d_head), (B, T_q, T_k)
-        head, w = scaled_dot_product_attention(q, k, v, mask)
+        head, w = _attention(q, k, v, mask)
         heads.append(head)
         weights.append(w)
     concat = torch.cat(heads, dim=-1)  # (B, T_q, d_model)
@@ -271,14 +288,12 @@ def multi_head_attention(
     Same arguments and results as :func:`multi_head_attention_loop`; the heads become a
     batch axis.
     """
-    _check_mha_inputs(
-        x_q, x_kv, {"W_q": W_q, "W_k": W_k, "W_v": W_v, "W_o": W_o}, n_heads
-    )
+    _check_mha_inputs(x_q, x_kv, W_q, W_k, W_v, W_o, n_heads, mask)
     q = split_heads(x_q @ W_q, n_heads)  # (B, h, T_q, d_head)
     k = split_heads(x_kv @ W_k, n_heads)  # (B, h, T_k, d_head)
     v = split_heads(x_kv @ W_v, n_heads)  # (B, h, T_k, d_head)
     # (B, h, T_q, d_head)
-    out, weights = scaled_dot_product_attention(q, k, v, expand_mask_for_heads(mask))
+    out, weights = _attention(q, k, v, expand_mask_for_heads(mask))
     return merge_heads(out) @ W_o, weights  # (B, T_q, d_model), (B, h, T_q, T_k)
 
 

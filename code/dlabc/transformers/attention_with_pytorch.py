@@ -55,10 +55,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, bias: bool = True) -> None:
         super().__init__()
-        check_positive_int(d_model, "d_model")
-        check_positive_int(n_heads, "n_heads")
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        _check_heads(d_model, n_heads)
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.W_q = nn.Linear(d_model, d_model, bias=bias)
         self.W_k = nn.Linear(d_model, d_model, bias=bias)
@@ -78,30 +75,41 @@ class MultiHeadAttention(nn.Module):
         ``(B, n_heads, T_q, T_k)``."""
         key = query if key is None else key
         value = key if value is None else value
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            check_tensor(t, name, ndim=3, floating=True)
-            if t.shape[-1] != self.d_model:
-                raise ValueError(
-                    f"{name} must end in d_model={self.d_model}, "
-                    f"got shape {tuple(t.shape)}"
-                )
-        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
-            raise ValueError(
-                f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
-                f"{tuple(value.shape)} must share the batch size, "
-                "and key and value the length"
-            )
+        _check_qkv(query, key, value, mask, self.d_model)
         q = split_heads(self.W_q(query), self.n_heads)  # (B, h, T_q, d_head)
         k = split_heads(self.W_k(key), self.n_heads)  # (B, h, T_k, d_head)
         v = split_heads(self.W_v(value), self.n_heads)  # (B, h, T_k, d_head)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, h, T_q, T_k)
         if mask is not None:
-            # (B, 1, T_q, T_k)
-            mask = check_mask(expand_mask_for_heads(mask), scores.shape)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            # a hidden key gets weight e^-inf = 0; the mask is (B, 1, T_q, T_k)
+            scores = scores.masked_fill(~expand_mask_for_heads(mask), float("-inf"))
         weights = F.softmax(scores, dim=-1)  # (B, h, T_q, T_k)
         # (B, T_q, d_model), (B, h, T_q, T_k)
         return self.W_o(merge_heads(weights @ v)), weights
+
+
+def _check_heads(d_model: object, n_heads: object) -> None:
+    check_positive_int(d_model, "d_model")
+    check_positive_int(n_heads, "n_heads")
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+
+
+def _check_qkv(query, key, value, mask, d_model: int) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(t, name, ndim=3, floating=True)
+        if t.shape[-1] != d_model:
+            raise ValueError(
+                f"{name} must end in d_model={d_model}, got shape {tuple(t.shape)}"
+            )
+    if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+            f"{tuple(value.shape)} must share the batch size, "
+            "and key and value the length"
+        )
+    if mask is not None:
+        check_mask(mask, (query.shape[0], query.shape[1], key.shape[1]))
 
 
 def mha_parameter_count(d_model: int, bias: bool = True) -> int:
@@ -226,17 +234,20 @@ class ReverseModel(nn.Module):
         ``tokens`` ``(B, seq_len)`` -> logits ``(B, seq_len, vocab_size)`` and weights
         ``(B, h, T, T)``.
         """
-        check_tensor(tokens, "tokens", ndim=2, dtype=torch.long)
-        if tokens.shape[1] != self.seq_len:
-            raise ValueError(
-                f"tokens must have length seq_len={self.seq_len}, "
-                f"got shape {tuple(tokens.shape)}"
-            )
+        _check_tokens(tokens, self.seq_len)
         positions = torch.arange(self.seq_len, device=tokens.device)  # (T,)
         # (B, T, d_model)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
         h, weights = self.attention(x)  # (B, T, d_model), (B, h, T, T)
         return self.readout(h), weights  # (B, T, vocab)
+
+
+def _check_tokens(tokens: object, seq_len: int) -> None:
+    check_tensor(tokens, "tokens", ndim=2, dtype=torch.long)
+    if tokens.shape[1] != seq_len:
+        raise ValueError(
+            f"tokens must have length seq_len={seq_len}, got shape {tuple(tokens.shape)}"
+        )
 
 
 def train_reverse(
