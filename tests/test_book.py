@@ -122,3 +122,74 @@ def test_synchronize_waits_only_where_work_is_queued(monkeypatch):
     assert calls == [torch.device("cuda", 0)]
     with pytest.raises((TypeError, RuntimeError)):
         book.synchronize(3.5)
+
+
+def test_seed_adds_the_offset_from_the_environment(monkeypatch):
+    monkeypatch.delenv("DLABC_SEED", raising=False)
+    assert book.seed(3) == 3
+    first = torch.rand(2)
+    monkeypatch.setenv("DLABC_SEED", "10")
+    assert book.seed(3) == 13
+    assert not torch.equal(torch.rand(2), first)
+    torch.manual_seed(13)
+    expected = torch.rand(2)
+    book.seed(3)
+    assert torch.equal(torch.rand(2), expected)  # the same as torch.manual_seed(3 + 10)
+
+
+@pytest.mark.parametrize(
+    "k, env, match",
+    [
+        (-1, None, "seed"),
+        (1.5, None, "seed"),
+        (0, "x", "DLABC_SEED"),
+        (0, "-2", "DLABC_SEED"),
+    ],
+)
+def test_seed_rejects_bad_values(monkeypatch, k, env, match):
+    if env is None:
+        monkeypatch.delenv("DLABC_SEED", raising=False)
+    else:
+        monkeypatch.setenv("DLABC_SEED", env)
+    with pytest.raises(ValueError, match=match):
+        book.seed(k)
+
+
+def test_glue_all_glues_each_pair(monkeypatch, capsys):
+    monkeypatch.setattr(book, "SHOW_GLUED", True)
+    book.glue_all({"a": 1}, b=torch.tensor(2.5))
+    assert capsys.readouterr().out == "a = 1\nb = 2.5\n"
+
+
+def test_claim_passes_silently_and_raises_naming_the_claim(monkeypatch):
+    monkeypatch.delenv("DLABC_CLAIMS_LOG", raising=False)
+    monkeypatch.delenv("DLABC_CLAIMS_KEEP_GOING", raising=False)
+    book.claim("bigger", torch.tensor(2.0), ">", 1.0)
+    book.claim("exact", 3, "==", 3)
+    with pytest.raises(book.ClaimError, match="residual is better: 0.5 < 0.25"):
+        book.claim("residual is better", 0.5, "<", 0.25)
+    assert issubclass(book.ClaimError, AssertionError)
+
+
+def test_claim_records_margins_and_keeps_going_when_asked(monkeypatch, tmp_path):
+    log = tmp_path / "claims.jsonl"
+    monkeypatch.setenv("DLABC_CLAIMS_LOG", str(log))
+    monkeypatch.setenv("DLABC_CLAIMS_KEEP_GOING", "1")
+    book.claim("above", 3.0, ">", 1.0)
+    book.claim("below", 3.0, "<", 1.0)  # fails, recorded, not raised
+    book.claim("same", 2, "==", 3)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["statement"], r["margin"], r["holds"]) for r in records] == [
+        ("above", 2.0, True),
+        ("below", -2.0, False),
+        ("same", None, False),
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [(("", 1, ">", 0), "statement"), (("x", 1, "!=", 0), "op must be one of")],
+)
+def test_claim_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        book.claim(*args)

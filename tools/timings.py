@@ -3,7 +3,8 @@
 A benchmark, not a test: each chapter has a budget of 60 s on the 2-core reference machine,
 and the chapters together 30 s on average (so that the whole book, executed two chapters at a
 time, builds from nothing in minutes). The table flags chapters over budget, and the command
-exits with 1 if any chapter failed or went over, or the average did. ``python tools/timings.py book/transformers/attention.md`` times only that chapter
+exits with 1 if any chapter failed or went over, or the average did.
+``python tools/timings.py book/transformers/attention.md`` times only that chapter
 (`make chapter CH=transformers/attention`).
 """
 

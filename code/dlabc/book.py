@@ -1,11 +1,13 @@
-"""What every chapter calls: set-up and device, showing this package's code, gluing numbers.
+"""What every chapter calls: set-up and device, showing this package's code, gluing
+numbers.
 
 A chapter starts with ``device = book.setup()``, shows an implementation with
 ``book.show_source(fn)`` (the code on the page *is* the code in ``code/dlabc``), hands
 every number its prose quotes to the text with ``book.glue(name, value)`` (or several at
-once with ``book.glue_all``), and asserts every claim its prose makes about a measurement
-with ``book.claim(statement, value, op, bound)``, which also records the claim's margin for
-``make claims`` (the same chapters under other CPUs' kernels and other seeds).
+once with ``book.glue_all``), and asserts every claim its prose makes about a
+measurement with ``book.claim(statement, value, op, bound)``, which also records the
+claim's margin for ``make claims`` (the same chapters under other CPUs' kernels and
+other seeds).
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ from threadpoolctl import threadpool_limits
 
 from dlabc import __version__, plot
 
-#: When True, :func:`glue` prints ``name = value`` instead of storing it for the book's text.
-#: The first cell of every generated notebook (Colab, Jupyter) sets it, because there the
-#: Markdown cannot show glued values.
+#: When True, :func:`glue` prints ``name = value`` instead of storing it for the book's
+#: text. The first cell of every generated notebook (Colab, Jupyter) sets it, because
+#: there the Markdown cannot show glued values.
 SHOW_GLUED = False
 
 
 def device() -> torch.device:
-    """The device a chapter computes on: ``$DLABC_DEVICE`` if set, else CUDA when present, else CPU."""
+    """The device a chapter computes on: ``$DLABC_DEVICE`` if set, else CUDA when
+    present, else CPU."""
     name = os.environ.get("DLABC_DEVICE")
     if name:
         return torch.device(name)
@@ -54,8 +57,8 @@ def synchronize(device: torch.device | str) -> None:
 def seed_offset() -> int:
     """What ``$DLABC_SEED`` adds to every seed a chapter asks for (0 when unset).
 
-    ``make claims`` sets it to run the chapters under other seeds: a claim that holds only
-    for one seed is luck, not a result.
+    ``make claims`` sets it to run the chapters under other seeds: a claim that holds
+    only for one seed is luck, not a result.
     """
     raw = os.environ.get("DLABC_SEED", "0") or "0"
     try:
@@ -70,9 +73,10 @@ def seed_offset() -> int:
 def seed(k: int = 0) -> int:
     """Seed Python, NumPy and PyTorch with ``k`` plus ``$DLABC_SEED``; return that seed.
 
-    Chapters call ``book.seed(k)`` wherever they would call ``torch.manual_seed(k)``, and pass
-    its value to functions that take a seed (``train.fit(..., seed=book.seed(1))``), so that
-    one variable moves every random choice a chapter makes.
+    Chapters call ``book.seed(k)`` wherever they would call ``torch.manual_seed(k)``,
+    and pass its value to functions that take a seed (``train.fit(...,
+    seed=book.seed(1))``), so that one variable moves every random choice a chapter
+    makes.
     """
     return _reseed(k)
 
@@ -88,7 +92,8 @@ def _reseed(k: object) -> int:
 
 
 def setup(seed: int = 0, threads: int = 1) -> torch.device:
-    """Make a chapter reproducible and fast on a small CPU; return the device to compute on.
+    """Make a chapter reproducible and fast on a small CPU; return the device to compute
+    on.
 
     Seeds Python, NumPy and PyTorch, limits PyTorch and NumPy's BLAS to ``threads`` CPU
     threads (one thread is the fastest for the book's small models on a 2-core machine,
@@ -103,8 +108,8 @@ def setup(seed: int = 0, threads: int = 1) -> torch.device:
     # tqdm (imported by transformers) warns in Jupyter without ipywidgets; its text
     # progress bars work, and the book's pages must not show the warning
     warnings.filterwarnings("ignore", message="IProgress not found")
-    # peft 0.21 calls a transformers 5 method that transformers deprecated in favour of a
-    # new name; the warning is about peft's code, not the reader's
+    # peft 0.21 calls a transformers 5 method that transformers deprecated in favour of
+    # a new name; the warning is about peft's code, not the reader's
     warnings.filterwarnings(
         "ignore",
         message="`is_gradient_checkpointing` is deprecated",
@@ -124,7 +129,8 @@ def setup(seed: int = 0, threads: int = 1) -> torch.device:
 
 
 def source_path(obj: object) -> tuple[str, int, int]:
-    """Where ``obj`` is defined, as the book's readers find it: ``code/dlabc/...``, first and last line."""
+    """Where ``obj`` is defined, as the book's readers find it: ``code/dlabc/...``,
+    first and last line."""
     path = Path(inspect.getsourcefile(obj)).resolve()  # type: ignore[arg-type]
     package_root = Path(__file__).resolve().parent
     try:
@@ -136,10 +142,11 @@ def source_path(obj: object) -> tuple[str, int, int]:
 
 
 def show_source(obj: object) -> Markdown:
-    """Display the source of a function or class of ``dlabc``, with the file and lines it comes from.
+    """Display the source of a function or class of ``dlabc``, with the file and lines
+    it comes from.
 
-    The output is Markdown with a fenced code block, so it is highlighted the same way on the
-    book's pages (myst-nb renders ``text/markdown``) and in Jupyter or Colab.
+    The output is Markdown with a fenced code block, so it is highlighted the same way
+    on the book's pages (myst-nb renders ``text/markdown``) and in Jupyter or Colab.
     """
     if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj)):
         raise TypeError(
@@ -151,12 +158,13 @@ def show_source(obj: object) -> Markdown:
 
 
 def glue(name: str, value: object) -> None:
-    """Hand a computed value to the chapter's text, where ``{glue:text}`name``` shows it.
+    """Hand a computed value to the chapter's text, where ``{glue:text}`name``` shows
+    it.
 
-    Inside the book's build this is myst-nb's ``glue`` (nothing is shown under the cell);
-    in a generated notebook, or wherever myst-nb is missing, it prints ``name = value``.
-    Tensors and NumPy scalars are turned into Python numbers first. Returns nothing, so that a
-    cell ending in ``book.glue(...)`` shows no stray value.
+    Inside the book's build this is myst-nb's ``glue`` (nothing is shown under the
+    cell); in a generated notebook, or wherever myst-nb is missing, it prints ``name =
+    value``. Tensors and NumPy scalars are turned into Python numbers first. Returns
+    nothing, so that a cell ending in ``book.glue(...)`` shows no stray value.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"glue name must be an identifier-like string, got {name!r}")
@@ -202,17 +210,18 @@ _OPS = {
 
 
 def claim(statement: str, value: object, op: str, bound: object) -> None:
-    """Assert ``value op bound``, a claim the prose makes, and record how much room it had.
+    """Assert ``value op bound``, a claim the prose makes, and record how much room it
+    had.
 
     ``statement`` says the claim in words (it names the failing claim in the error).
-    ``op`` is one of ``>``, ``>=``, ``<``, ``<=`` (a measurement against a bound) or ``==``
-    (an exact fact). The margin is how far ``value`` is on the right side of ``bound``
-    (negative: the claim fails).
+    ``op`` is one of ``>``, ``>=``, ``<``, ``<=`` (a measurement against a bound) or
+    ``==`` (an exact fact). The margin is how far ``value`` is on the right side of
+    ``bound`` (negative: the claim fails).
 
-    When ``$DLABC_CLAIMS_LOG`` names a file, each claim is appended to it as a JSON line;
-    ``make claims`` collects them over other CPUs' kernels and other seeds. With
-    ``$DLABC_CLAIMS_KEEP_GOING=1`` a failing claim is recorded instead of raised, so that
-    one run measures every claim of a chapter.
+    When ``$DLABC_CLAIMS_LOG`` names a file, each claim is appended to it as a JSON
+    line; ``make claims`` collects them over other CPUs' kernels and other seeds. With
+    ``$DLABC_CLAIMS_KEEP_GOING=1`` a failing claim is recorded instead of raised, so
+    that one run measures every claim of a chapter.
     """
     if not isinstance(statement, str) or not statement.strip():
         raise ValueError("claim: statement must be a non-empty string")

@@ -1,7 +1,8 @@
-"""Argument checks shared by every module, so that bad input fails early with a clear message.
+"""Argument checks shared by every module, so that bad input fails early with a clear
+message.
 
-Each check raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong shape
-or value, and names the argument and what was expected.
+Each check raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong
+shape or value, and names the argument and what was expected.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def check_tensor(
     floating: bool | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Check that ``x`` is a tensor with an allowed number of dimensions and dtype; return it."""
+    """Check that ``x`` is a tensor with an allowed number of dimensions and dtype;
+    return it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None:
@@ -42,7 +44,7 @@ def check_tensor(
 def check_array(
     x: object, name: str, *, ndim: int | None = None, floating: bool = True
 ) -> np.ndarray:
-    """Check that ``x`` is a NumPy array with ``ndim`` dimensions (and a float dtype)."""
+    """Check that ``x`` is a NumPy array with ``ndim`` dimensions (float dtype)."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
     if ndim is not None and x.ndim != ndim:
@@ -72,8 +74,8 @@ def check_number(
 ) -> float:
     """Check that ``value`` is a finite real number inside the given bounds; return it.
 
-    ``low_open``/``high_open`` exclude the bound itself, so ``low=0, low_open=True`` means
-    "strictly positive" and the message says ``(0, inf)``.
+    ``low_open``/``high_open`` exclude the bound itself, so ``low=0, low_open=True``
+    means "strictly positive" and the message says ``(0, inf)``.
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

@@ -5,9 +5,9 @@ missing; nothing is silently replaced by something else. A loader looks where a 
 put the data, then in the cache folder ``~/.cache/dlabc`` (or ``$DLABC_DATA``), and only
 then downloads from the official source into that folder (Colab, a reader's laptop, a
 Mac) with a progress line, and keeps the file only if its checksum is the published one;
-``download=False`` forbids it. The book's build and tests never download where the Debian
-packages are installed (``make`` installs them when it can, ``tools/system.sh``), and the
-tests that reach the download path replace the network.
+``download=False`` forbids it. The book's build and tests never download where the
+Debian packages are installed (``make`` installs them when it can, ``tools/system.sh``),
+and the tests that reach the download path replace the network.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ _IDX_SETS = {
 }
 
 # Checksums of the published files: the MD5 of the .gz file as served (the figures
-# torchvision checks), and the SHA-256 of its decompressed content (the same for Debian's
-# recompressed copy). A download is kept when it matches either.
+# torchvision checks), and the SHA-256 of its decompressed content (the same for
+# Debian's recompressed copy). A download is kept when it matches either.
 _CHECKSUMS = {
     ("mnist", "train-images-idx3-ubyte.gz"): "f68b3c2dcbeaaa9fbdd348bbdeb94873",
     ("mnist", "train-labels-idx1-ubyte.gz"): "d53e105ee54ea40749a09fcbcd1e9432",
@@ -121,7 +121,8 @@ def _progress(name: str):
 
 
 def _download(name: str, url: str, path: Path) -> None:
-    """Fetch ``url`` to ``path`` with a progress line; keep it only if its checksum holds."""
+    """Fetch ``url`` to ``path`` with a progress line; keep it only if its checksum
+    holds."""
     part = path.with_name(path.name + ".part")
     try:
         urllib.request.urlretrieve(url, part, reporthook=_progress(path.name))

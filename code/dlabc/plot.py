@@ -37,7 +37,8 @@ def heatmap(
     vmax: float | None = 1.0,
     cmap: str = "viridis",
 ) -> mpl.image.AxesImage:
-    """Draw a 2-D matrix (e.g. attention weights, rows = queries, columns = keys) on ``ax``."""
+    """Draw a 2-D matrix (e.g. attention weights, rows = queries, columns = keys) on
+    ``ax``."""
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
         shape = (
             tuple(matrix.shape)

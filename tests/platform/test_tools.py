@@ -141,22 +141,25 @@ def test_cache_drops_a_chapter_exactly_when_its_code_changes(tmp_path, monkeypat
 
     cache_it()
     book_ext._drop_stale_execution(
-        app, "book/transformers/attention_from_scratch", [""]
+        app, "book/transformers/attention_from_scratch", chapter
     )
     assert len(cache.list_cache_records()) == 0, (
         "first build with this fingerprint: the old execution goes"
+    )
+    book_ext._note_code_dependencies(
+        app, "book/transformers/attention_from_scratch", [""]
     )
     assert str(chapters.PACKAGE / "transformers" / "attention_from_scratch.py") in noted
 
     cache_it()
     book_ext._drop_stale_execution(
-        app, "book/transformers/attention_from_scratch", [""]
+        app, "book/transformers/attention_from_scratch", chapter
     )
     assert len(cache.list_cache_records()) == 1, "same code: the cached execution stays"
 
     fingerprint[0] = "v2"
     book_ext._drop_stale_execution(
-        app, "book/transformers/attention_from_scratch", [""]
+        app, "book/transformers/attention_from_scratch", chapter
     )
     assert len(cache.list_cache_records()) == 0, (
         "the code changed: the chapter must run again"
@@ -171,3 +174,43 @@ def test_code_hash_changes_with_the_code(tmp_path, monkeypatch):
     assert chapters.code_hash(Path("any.md")) == before
     module.write_text("x = 2\n")
     assert chapters.code_hash(Path("any.md")) != before
+
+
+def test_claims_judge_fail_thin_ok_and_exact():
+    import claims
+
+    assert claims.judge([0.9, 0.8], [0.3, 0.2], ">", 0.6) == "ok"
+    assert claims.judge([0.7, 0.5], [0.1, -0.1], ">", 0.6) == "FAIL"
+    # the margin (0.05) is smaller than the spread of the value (0.1): thin
+    assert claims.judge([0.75, 0.65], [0.15, 0.05], ">", 0.6) == "THIN"
+    # under 5 % of the bound's size: thin even with no spread
+    assert claims.judge([10.2, 10.2], [0.2, 0.2], ">", 10.0) == "THIN"
+    assert claims.judge([3, 3], [0.0, 0.0], "==", 3) == "exact"
+    assert claims.judge([2, 3], [None, 0.0], "==", 3) == "FAIL"
+
+
+def test_claims_report_matches_claims_across_configurations():
+    import claims
+
+    def record(v):
+        return {"statement": "s", "value": v, "op": "<", "bound": 1.0,
+                "margin": 1.0 - v, "holds": v < 1.0}  # fmt: skip
+
+    results = {
+        "part/ch": {
+            "native": ([record(0.2), record(0.3)], None, 1.0),
+            "avx2": ([record(0.25), record(1.5)], None, 1.0),
+        }
+    }
+    rows, bad = claims.report(results, ["native", "avx2"])
+    assert [r["verdict"] for r in rows] == ["ok", "FAIL"]
+    assert rows[0]["values"] == {"native": 0.2, "avx2": 0.25} and bad == 1
+
+
+def test_rotating_sample_covers_every_chapter_in_a_few_days():
+    seen = set()
+    for day in range(len(chapters.chapters()) // 4 + 1):
+        sample = chapters.rotating_sample(4, day)
+        assert len(sample) == 4
+        seen.update(sample)
+    assert seen == set(chapters.chapters())
