@@ -63,7 +63,8 @@ test: system $(READY)
 # Every chapter's notebook, executed top to bottom like Colab (two kernels at a time), in an
 # environment that has only what Colab has (torch, numpy, matplotlib and a kernel) before the
 # notebook's first cell installs dlabc[colab]. CHAPTERS=changed runs only the chapters changed
-# in the last 6 hours of commits plus a rotating sample of four (what CI runs).
+# in the last 6 hours of commits plus a rotating sample of four (what CI runs);
+# CHAPTERS="cnn/resnet rnn/char_lm" runs those.
 COLAB_VENV := $(VENV)-colab
 $(COLAB_VENV)/.ready: requirements.txt
 	@test -x $(COLAB_VENV)/bin/python || $(PYTHON) -m venv $(COLAB_VENV)
@@ -71,7 +72,7 @@ $(COLAB_VENV)/.ready: requirements.txt
 	@touch $@
 
 colab: $(READY) $(COLAB_VENV)/.ready
-	DLABC_COLAB_PYTHON=$(COLAB_VENV)/bin/python DLABC_COLAB_CHAPTERS=$(or $(CHAPTERS),all) \
+	DLABC_COLAB_PYTHON=$(COLAB_VENV)/bin/python DLABC_COLAB_CHAPTERS="$(or $(CHAPTERS),all)" \
 	  $(PY) -m pytest -m slow tests/platform/test_notebooks.py
 
 lint: $(READY)

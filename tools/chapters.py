@@ -201,7 +201,7 @@ def execute(
     )
     start = time.perf_counter()
     try:
-        client.execute(env=env)
+        client.execute(env=dict(os.environ) if env is None else env)
     except CellExecutionError as err:
         return nb, time.perf_counter() - start, str(err).strip().splitlines()[-1]
     return nb, time.perf_counter() - start, None
