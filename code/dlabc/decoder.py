@@ -1,8 +1,8 @@
 r"""One skeleton for every decoder-only language model of the book.
 
 First shown in ``book/improvements/rope_alibi.md``; every later decoder (grouped-query
-attention, the LLaMA block, mixtures of experts, latent attention, and the parts still to
-come) is this skeleton with other parts plugged in.
+attention, the LLaMA block, mixtures of experts, latent attention, and the parts still
+to come) is this skeleton with other parts plugged in.
 
 A :class:`DecoderBlock` is two residual sublayers around an attention and a
 feed-forward network, each with a norm, before the sublayer (pre-norm) or after the
@@ -44,6 +44,8 @@ class Cache:
     """
 
     dim = 1  # the position axis of the stored tensors
+    names: tuple[str, ...] = ()  # of the stored tensors, for error messages
+    ndim: int | None = None  # of each stored tensor, if fixed
 
     def __init__(self, keep: int | None = None) -> None:
         if keep is not None and (
@@ -69,7 +71,10 @@ class Cache:
 
     def _update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.tensors:  # C <- [C; C_new], along the position axis
-            new = tuple(torch.cat([c, n], self.dim) for c, n in zip(self.tensors, new))
+            new = tuple(
+                torch.cat([c, n], self.dim)
+                for c, n in zip(self.tensors, new, strict=True)
+            )
         self.seen += new[0].shape[self.dim] - len(self)
         total = new[0].shape[self.dim]
         stored = total if self.keep is None else min(self.keep, total)
@@ -81,31 +86,26 @@ class Cache:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def _check(self, new: tuple) -> None:
-        if not new:
-            raise ValueError("update needs at least one tensor")
-        for i, t in enumerate(new):
-            check_tensor(t, f"new[{i}]", floating=True)
+        names = self.names or tuple(f"new[{i}]" for i in range(len(new)))
+        if not new or (self.names and len(new) != len(names)):
+            raise ValueError(f"update takes {', '.join(names) or 'tensors'}")
+        for name, t in zip(names, new, strict=False):
+            check_tensor(t, name, ndim=self.ndim, floating=True)
             if t.dim() <= self.dim or t.shape[: self.dim] != new[0].shape[: self.dim]:
                 raise ValueError(
-                    f"new[{i}] {tuple(t.shape)} must share the leading axes up to the "
-                    f"position axis {self.dim} with new[0] {tuple(new[0].shape)}"
+                    f"{name} {tuple(t.shape)} must share the axes before the "
+                    f"position axis {self.dim} with {names[0]} {tuple(new[0].shape)}"
                 )
             if t.shape[self.dim] != new[0].shape[self.dim]:
-                raise ValueError("every new tensor must hold the same positions")
-        if self.tensors:
-            if len(new) != len(self.tensors):
+                raise ValueError(f"{', '.join(names)} must hold the same positions")
+        for name, c, t in zip(names, self.tensors, new, strict=False):
+            if t.shape[: self.dim] + t.shape[self.dim + 1 :] != (
+                c.shape[: self.dim] + c.shape[self.dim + 1 :]
+            ) or (t.dtype != c.dtype):
                 raise ValueError(
-                    f"the cache holds {len(self.tensors)} tensors, got {len(new)}"
+                    f"{name} {tuple(t.shape)} {t.dtype} does not fit the cached "
+                    f"{tuple(c.shape)} {c.dtype} (all axes but the positions')"
                 )
-            for i, (c, t) in enumerate(zip(self.tensors, new)):
-                before = c.shape[: self.dim] + c.shape[self.dim + 1 :]
-                if t.shape[: self.dim] + t.shape[self.dim + 1 :] != before or (
-                    t.dtype != c.dtype
-                ):
-                    raise ValueError(
-                        f"new[{i}] {tuple(t.shape)} {t.dtype} does not fit the cached "
-                        f"{tuple(c.shape)} {c.dtype} (all but the position axis)"
-                    )
 
 
 class DecoderBlock(nn.Module):
@@ -195,7 +195,9 @@ class DecoderLM(nn.Module):
     def new_cache(self) -> list[Cache]:
         """An empty cache: one per block, from ``make_cache()``."""
         if self.make_cache is None:
-            raise TypeError("this model was built without make_cache: it keeps no cache")
+            raise TypeError(
+                "this model was built without make_cache: it keeps no cache"
+            )
         return [self.make_cache() for _ in self.blocks]
 
     def forward(

@@ -100,36 +100,6 @@ def test_conv2d_layer_he_initialisation_and_dtype():
     assert layer.backward(np.ones_like(out)).dtype == np.float32
 
 
-@pytest.mark.parametrize("which", ["in_channels", "out_channels", "kernel_size"])
-@pytest.mark.parametrize(
-    "bad, error, match",
-    [
-        (0, ValueError, "must be positive, got 0"),
-        (-2, ValueError, "must be positive, got -2"),
-        (2.0, TypeError, "must be an int, got float"),
-        (True, TypeError, "must be an int, got bool"),
-    ],
-)
-def test_conv2d_layer_rejects_bad_sizes(which, bad, error, match):
-    sizes = {"in_channels": 2, "out_channels": 3, "kernel_size": 3, which: bad}
-    with pytest.raises(error, match=f"{which} {match}"):
-        Conv2d(**sizes, rng=rng())
-
-
-def test_conv2d_layer_rejects_bad_input():
-    layer = Conv2d(2, 3, 3, rng(), dtype=np.float64)
-    with pytest.raises(ValueError, match="x must have 4 dimensions"):
-        layer.forward(np.zeros((2, 5, 5)))
-    with pytest.raises(ValueError, match="for x with 1 channels"):
-        layer.forward(np.zeros((1, 1, 5, 5)))
-    with pytest.raises(ValueError, match="does not fit in an input of 2"):
-        layer.forward(np.zeros((1, 2, 2, 5)))
-    with pytest.raises(TypeError, match="x must be a floating-point array"):
-        layer.forward(np.zeros((1, 2, 5, 5), dtype=np.uint8))
-    with pytest.raises(ValueError, match="padding must be >= 0"):
-        Conv2d(2, 3, 3, rng(), padding=-1).forward(np.zeros((1, 2, 5, 5)))
-
-
 @pytest.mark.parametrize("k, H, W", [(2, 6, 8), (2, 7, 5), (3, 9, 10), (1, 3, 3)])
 def test_max_pool_layer_matches_torch(k, H, W):
     r = rng(k * 10 + H)
@@ -146,14 +116,6 @@ def test_max_pool_layer_matches_torch(k, H, W):
     np.testing.assert_array_equal(out, out_t.detach().numpy())
     np.testing.assert_array_equal(dx, xt.grad.numpy())
     assert layer.parameters() == []
-
-
-@pytest.mark.parametrize(
-    "bad, error", [(0, ValueError), (-1, ValueError), (2.0, TypeError)]
-)
-def test_max_pool_layer_rejects_bad_kernel(bad, error):
-    with pytest.raises(error, match="kernel_size must be"):
-        MaxPool2d(bad)
 
 
 def test_flatten_layer_matches_torch():
@@ -376,44 +338,6 @@ def test_copy_to_torch_rejects_mismatched_architectures(other, match):
     )
 
 
-@pytest.mark.parametrize("build", [numpy_cnn, torch_cnn])
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(channels=()), ValueError, "channels must list at least one"),
-        (dict(channels=[]), ValueError, "channels must list at least one"),
-        (dict(channels=8), TypeError, "channels must be a tuple of ints"),
-        (dict(channels=(8, 0)), ValueError, "every entry of channels must be positive"),
-        (dict(channels=(-1,)), ValueError, "every entry of channels must be positive"),
-        (dict(channels=(8.0,)), TypeError, "every entry of channels must be an int"),
-        (dict(hidden=0), ValueError, "hidden must be positive, got 0"),
-        (dict(hidden=-5), ValueError, "hidden must be positive, got -5"),
-        (dict(hidden=10.0), TypeError, "hidden must be an int"),
-        (dict(n_classes=0), ValueError, "n_classes must be positive, got 0"),
-        (dict(n_classes=True), TypeError, "n_classes must be an int, got bool"),
-        (dict(kernel_size=0), ValueError, "kernel_size must be positive, got 0"),
-        (dict(kernel_size=-3), ValueError, "kernel_size must be positive, got -3"),
-        (dict(kernel_size=5.0), TypeError, "kernel_size must be an int"),
-        (dict(image_size=0), ValueError, "image_size must be positive, got 0"),
-        (dict(in_channels=0), ValueError, "in_channels must be positive, got 0"),
-        # 28 -> 24 -> 12 -> 8 -> 4: a third 5x5 block does not fit
-        (
-            dict(channels=(2, 2, 2)),
-            ValueError,
-            "block 3 gets 4 pixels, it needs at least 6",
-        ),
-        (dict(image_size=12), ValueError, "a 12-pixel image is too small for 2 blocks"),
-        (dict(image_size=4), ValueError, "block 1 gets 4 pixels"),
-        # 13 -> 9 -> 4: too few for the second 5x5 convolution
-        (dict(image_size=13), ValueError, "block 2 gets 4 pixels"),
-        (dict(image_size=5, channels=(2,)), ValueError, "block 1 gets 5 pixels"),
-    ],
-)
-def test_network_builders_reject_bad_architectures(build, kwargs, error, match):
-    with pytest.raises(error, match=match):
-        build(**kwargs)
-
-
 @pytest.mark.parametrize(
     "image_size, channels", [(6, (2,)), (16, (2, 2)), (36, (2, 2, 2))]
 )
@@ -427,14 +351,6 @@ def test_the_smallest_images_that_fit_are_accepted(image_size, channels):
     if image_size > 6:  # one pixel fewer no longer fits
         with pytest.raises(ValueError, match="too small"):
             numpy_cnn(channels=channels, hidden=3, image_size=image_size - 1)
-
-
-def test_numpy_cnn_rejects_images_of_the_wrong_shape():
-    network = numpy_cnn(channels=(2,), hidden=3, kernel_size=3, image_size=8)
-    with pytest.raises(ValueError, match="x must have 4 dimensions"):
-        network.forward(np.zeros((2, 8, 8), dtype=np.float32))
-    with pytest.raises(ValueError, match="x must have 18 features"):  # 2 * 3 * 3
-        network.forward(np.zeros((2, 1, 10, 10), dtype=np.float32))
 
 
 # --------------------------------------------------------------------- random_shift
@@ -504,27 +420,6 @@ def test_random_shift_is_deterministic_given_the_generator():
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, 2.0, True, None, "2", np.float64(1.0)])
-def test_random_shift_rejects_bad_max_shift(bad):
-    with pytest.raises(ValueError, match="max_shift must be a non-negative int"):
-        random_shift(np.zeros((2, 1, 4, 4)), bad, rng())
-
-
-@pytest.mark.parametrize(
-    "images, error, match",
-    [
-        (np.zeros((1, 4, 4)), ValueError, "images must have 4 dimensions"),
-        (np.zeros((4, 4)), ValueError, "images must have 4 dimensions"),
-        (np.zeros((1, 1, 1, 4, 4)), ValueError, "images must have 4 dimensions"),
-        ([[[[0.0]]]], TypeError, "images must be a NumPy array"),
-        (np.zeros((1, 1, 4, 4), dtype=np.uint8), TypeError, "floating-point"),
-    ],
-)
-def test_random_shift_rejects_bad_images(images, error, match):
-    with pytest.raises(error, match=match):
-        random_shift(images, 1, rng())
-
-
 def test_pooling_before_batch_norm_and_relu_is_the_usual_block_in_evaluation():
     """ReLU and an affine map with positive scale commute with max-pooling, so the cheap
     order (pool, BN, ReLU) equals the usual one (BN, ReLU, pool) once BN uses fixed
@@ -543,3 +438,161 @@ def test_pooling_before_batch_norm_and_relu_is_the_usual_block_in_evaluation():
     with torch.no_grad():
         norm.weight[0] = -1.0
     assert not torch.allclose(cheap(x)[:, 0], usual(x)[:, 0])
+
+
+# --------------------------------------------------------------------- bad input
+
+_CONV2D_BAD_SIZES = [
+    (0, ValueError, "must be positive, got 0"),
+    (-2, ValueError, "must be positive, got -2"),
+    (2.0, TypeError, "must be an int, got float"),
+    (True, TypeError, "must be an int, got bool"),
+]
+_MAX_POOL_BAD_KERNELS = [(0, ValueError), (-1, ValueError), (2.0, TypeError)]
+_BUILDER_BAD_ARGUMENTS = [
+    (dict(channels=()), ValueError, "channels must list at least one"),
+    (dict(channels=[]), ValueError, "channels must list at least one"),
+    (dict(channels=8), TypeError, "channels must be a tuple of ints"),
+    (dict(channels=(8, 0)), ValueError, "every entry of channels must be positive"),
+    (dict(channels=(-1,)), ValueError, "every entry of channels must be positive"),
+    (dict(channels=(8.0,)), TypeError, "every entry of channels must be an int"),
+    (dict(hidden=0), ValueError, "hidden must be positive, got 0"),
+    (dict(hidden=-5), ValueError, "hidden must be positive, got -5"),
+    (dict(hidden=10.0), TypeError, "hidden must be an int"),
+    (dict(n_classes=0), ValueError, "n_classes must be positive, got 0"),
+    (dict(n_classes=True), TypeError, "n_classes must be an int, got bool"),
+    (dict(kernel_size=0), ValueError, "kernel_size must be positive, got 0"),
+    (dict(kernel_size=-3), ValueError, "kernel_size must be positive, got -3"),
+    (dict(kernel_size=5.0), TypeError, "kernel_size must be an int"),
+    (dict(image_size=0), ValueError, "image_size must be positive, got 0"),
+    (dict(in_channels=0), ValueError, "in_channels must be positive, got 0"),
+    # 28 -> 24 -> 12 -> 8 -> 4: a third 5x5 block does not fit
+    (
+        dict(channels=(2, 2, 2)),
+        ValueError,
+        "block 3 gets 4 pixels, it needs at least 6",
+    ),
+    (dict(image_size=12), ValueError, "a 12-pixel image is too small for 2 blocks"),
+    (dict(image_size=4), ValueError, "block 1 gets 4 pixels"),
+    # 13 -> 9 -> 4: too few for the second 5x5 convolution
+    (dict(image_size=13), ValueError, "block 2 gets 4 pixels"),
+    (dict(image_size=5, channels=(2,)), ValueError, "block 1 gets 5 pixels"),
+]
+_BAD_MAX_SHIFTS = [-1, 1.5, 2.0, True, None, "2", np.float64(1.0)]
+_BAD_IMAGES = [
+    (np.zeros((1, 4, 4)), ValueError, "images must have 4 dimensions"),
+    (np.zeros((4, 4)), ValueError, "images must have 4 dimensions"),
+    (np.zeros((1, 1, 1, 4, 4)), ValueError, "images must have 4 dimensions"),
+    ([[[[0.0]]]], TypeError, "images must be a NumPy array"),
+    (np.zeros((1, 1, 4, 4), dtype=np.uint8), TypeError, "floating-point"),
+]
+
+
+def _conv_layer():
+    return Conv2d(2, 3, 3, rng(), dtype=np.float64)
+
+
+def _small_network():
+    return numpy_cnn(channels=(2,), hidden=3, kernel_size=3, image_size=8)
+
+
+BAD_INPUT = [
+    *[
+        pytest.param(
+            lambda which=which, bad=bad: Conv2d(
+                **{"in_channels": 2, "out_channels": 3, "kernel_size": 3, which: bad},
+                rng=rng(),
+            ),
+            error,
+            f"{which} {match}",
+            id=f"Conv2d-{which}={bad!r}",
+        )
+        for which in ("in_channels", "out_channels", "kernel_size")
+        for bad, error, match in _CONV2D_BAD_SIZES
+    ],
+    pytest.param(
+        lambda: _conv_layer().forward(np.zeros((2, 5, 5))),
+        ValueError,
+        "x must have 4 dimensions",
+        id="Conv2d-x-3d",
+    ),
+    pytest.param(
+        lambda: _conv_layer().forward(np.zeros((1, 1, 5, 5))),
+        ValueError,
+        "for x with 1 channels",
+        id="Conv2d-x-channels",
+    ),
+    pytest.param(
+        lambda: _conv_layer().forward(np.zeros((1, 2, 2, 5))),
+        ValueError,
+        "does not fit in an input of 2",
+        id="Conv2d-x-too-small",
+    ),
+    pytest.param(
+        lambda: _conv_layer().forward(np.zeros((1, 2, 5, 5), dtype=np.uint8)),
+        TypeError,
+        "x must be a floating-point array",
+        id="Conv2d-x-uint8",
+    ),
+    pytest.param(
+        lambda: Conv2d(2, 3, 3, rng(), padding=-1).forward(np.zeros((1, 2, 5, 5))),
+        ValueError,
+        "padding must be >= 0",
+        id="Conv2d-padding",
+    ),
+    *[
+        pytest.param(
+            lambda bad=bad: MaxPool2d(bad),
+            error,
+            "kernel_size must be",
+            id=f"MaxPool2d-kernel_size={bad!r}",
+        )
+        for bad, error in _MAX_POOL_BAD_KERNELS
+    ],
+    *[
+        pytest.param(
+            lambda build=build, kwargs=kwargs: build(**kwargs),
+            error,
+            match,
+            id=f"{build.__name__}-{kwargs}",
+        )
+        for build in (numpy_cnn, torch_cnn)
+        for kwargs, error, match in _BUILDER_BAD_ARGUMENTS
+    ],
+    pytest.param(
+        lambda: _small_network().forward(np.zeros((2, 8, 8), dtype=np.float32)),
+        ValueError,
+        "x must have 4 dimensions",
+        id="numpy_cnn-x-3d",
+    ),
+    pytest.param(  # 2 * 3 * 3 features after the block
+        lambda: _small_network().forward(np.zeros((2, 1, 10, 10), dtype=np.float32)),
+        ValueError,
+        "x must have 18 features",
+        id="numpy_cnn-x-size",
+    ),
+    *[
+        pytest.param(
+            lambda bad=bad: random_shift(np.zeros((2, 1, 4, 4)), bad, rng()),
+            ValueError,
+            "max_shift must be a non-negative int",
+            id=f"random_shift-max_shift={bad!r}",
+        )
+        for bad in _BAD_MAX_SHIFTS
+    ],
+    *[
+        pytest.param(
+            lambda images=images: random_shift(images, 1, rng()),
+            error,
+            match,
+            id=f"random_shift-images-{i}",
+        )
+        for i, (images, error, match) in enumerate(_BAD_IMAGES)
+    ],
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

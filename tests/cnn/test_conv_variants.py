@@ -270,34 +270,6 @@ def test_gradient_footprint_counts_paths_and_shows_gridding():
     assert gradient_footprint([3] * 3, dilations=[1, 2, 4]).ne(0).all()
 
 
-def test_receptive_field_rejects_bad_input():
-    with pytest.raises(ValueError, match="at least one layer"):
-        receptive_field([])
-    with pytest.raises(TypeError, match="kernel_sizes must be a sequence of ints"):
-        receptive_field(3)
-    with pytest.raises(TypeError, match="kernel_sizes must be a sequence of ints"):
-        receptive_field("33")
-    with pytest.raises(ValueError, match=r"kernel_sizes\[1\] must be positive, got 0"):
-        receptive_field([3, 0])
-    with pytest.raises(TypeError, match=r"kernel_sizes\[0\] must be an int"):
-        receptive_field([3.0])
-    with pytest.raises(
-        ValueError, match=r"strides must have one entry per layer \(2\)"
-    ):
-        receptive_field([3, 3], strides=[1])
-    with pytest.raises(ValueError, match=r"dilations\[0\] must be positive, got -1"):
-        receptive_field([3], dilations=[-1])
-    with pytest.raises(TypeError, match="dilations must be a sequence of ints"):
-        receptive_field([3], dilations=2)
-
-
-def test_gradient_footprint_rejects_a_too_small_size():
-    with pytest.raises(ValueError, match="size must be at least the receptive field 5"):
-        gradient_footprint([3, 3], size=4)
-    with pytest.raises(ValueError, match="size must be positive"):
-        gradient_footprint([3], size=0)
-
-
 # --------------------------------------------------------------------- separable
 
 
@@ -394,23 +366,6 @@ def test_depthwise_separable_has_no_depthwise_bias():
     assert layer.pointwise.weight.shape == (6, 4, 1, 1)
 
 
-def test_counts_reject_bad_input():
-    with pytest.raises(ValueError, match="in_channels must be positive"):
-        conv2d_params(0, 4, 3)
-    with pytest.raises(TypeError, match="out_channels must be an int"):
-        conv2d_params(4, 4.0, 3)
-    with pytest.raises(
-        ValueError, match=r"groups \(3\) must divide the input channels"
-    ):
-        conv2d_params(4, 6, 3, groups=3)
-    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints"):
-        conv2d_params(4, 4, (3, 3, 3))
-    with pytest.raises(ValueError, match="output_size must be positive"):
-        conv2d_macs(4, 4, 3, (0, 5))
-    with pytest.raises(ValueError, match="in_channels must be positive"):
-        DepthwiseSeparableConv2d(0, 4, 3)
-
-
 # --------------------------------------------------------------------- transposed
 
 
@@ -495,30 +450,6 @@ def test_conv_transpose2d_checkerboard_of_a_constant_input():
     assert k4[0, 0, 2:-2, 2:-2].unique().tolist() == [4.0]
 
 
-def test_conv_transpose2d_rejects_bad_input():
-    x, w = rand(1, 4, 5, 5), rand(4, 3, 3, 3)
-    with pytest.raises(ValueError, match="output_padding must be smaller than stride"):
-        conv_transpose2d(x, w, stride=2, output_padding=2)
-    with pytest.raises(RuntimeError, match="output padding must be smaller than"):
-        F.conv_transpose2d(x, w, stride=2, output_padding=2)  # torch agrees
-    with pytest.raises(ValueError, match="padding 7 is too large"):
-        conv_transpose2d(x, w, padding=7)
-    with pytest.raises(ValueError, match=r"weight must have shape \(4, C_out / groups"):
-        conv_transpose2d(x, rand(3, 3, 3, 3))
-    with pytest.raises(
-        ValueError, match=r"groups \(3\) must divide the input channels"
-    ):
-        conv_transpose2d(x, w, groups=3)
-    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
-        conv_transpose2d(x, rand(4, 3, 3, 3), rand(3), groups=2)
-    with pytest.raises(ValueError, match="x must have 4 dimensions"):
-        conv_transpose2d(x[0], w)
-    with pytest.raises(TypeError, match="weight must have the dtype of x"):
-        conv_transpose2d(x, w.float())
-    with pytest.raises(ValueError, match="output_padding must be non-negative"):
-        conv_transpose2d(x, w, output_padding=-1)
-
-
 # --------------------------------------------------------------------- bilinear
 
 
@@ -585,23 +516,6 @@ def test_bilinear_sample_gradcheck():
     rows = (torch.rand(1, 12, dtype=torch.float64) * 6 - 1).requires_grad_()
     cols = (torch.rand(1, 12, dtype=torch.float64) * 7 - 1).requires_grad_()
     assert torch.autograd.gradcheck(bilinear_sample, (image, rows, cols))
-
-
-def test_bilinear_sample_rejects_bad_input():
-    image = rand(2, 3, 4, 5)
-    rows = torch.zeros(2, 6, dtype=torch.float64)
-    with pytest.raises(ValueError, match="image must have 4 dimensions"):
-        bilinear_sample(image[0], rows, rows)
-    with pytest.raises(ValueError, match="rows and cols must have the same shape"):
-        bilinear_sample(image, rows, rows[:, :5])
-    with pytest.raises(ValueError, match=r"same shape \(N=2, ...\)"):
-        bilinear_sample(image, rows[:1], rows[:1])
-    with pytest.raises(TypeError, match="rows must have dtype torch.float64"):
-        bilinear_sample(image, rows.float(), rows)
-    with pytest.raises(TypeError, match="image must be a floating-point tensor"):
-        bilinear_sample(image.long(), rows, rows)
-    with pytest.raises(TypeError, match="cols must be a torch.Tensor"):
-        bilinear_sample(image, rows, [0.0])
 
 
 # --------------------------------------------------------------------- deformable
@@ -743,87 +657,544 @@ def test_deformable_layer_starts_as_an_ordinary_convolution_and_learns_offsets()
     )
 
 
-def test_deform_conv2d_rejects_bad_input():
-    x, w = rand(1, 3, 6, 6), rand(4, 3, 3, 3)
-    offset = torch.zeros(1, 18, 4, 4, dtype=torch.float64)
-    deform_conv2d(x, offset, w)  # fine
-    with pytest.raises(
-        ValueError, match=r"offset must have shape \(1, 18, 4, 4\).*got \(1, 18, 6, 6\)"
-    ):
-        deform_conv2d(x, torch.zeros(1, 18, 6, 6, dtype=torch.float64), w)
-    with pytest.raises(ValueError, match=r"offset must have shape \(1, 18, 4, 4\)"):
-        deform_conv2d(x, offset[:, :9], w)
-    with pytest.raises(TypeError, match="offset must have dtype torch.float64"):
-        deform_conv2d(x, offset.float(), w)
-    with pytest.raises(
-        ValueError, match=r"weight must have shape \(C_out, 3, k_h, k_w\)"
-    ):
-        deform_conv2d(x, offset, rand(4, 2, 3, 3))
-    with pytest.raises(ValueError, match="too small for a kernel"):
-        deform_conv2d(rand(1, 3, 2, 2), offset, w)
-    with pytest.raises(ValueError, match=r"offset must have 2 \* 3 \* 3 = 18 channels"):
-        sampling_positions(offset[:, :10], 3)
-    with pytest.raises(ValueError, match="offset must have 4 dimensions"):
-        sampling_positions(offset[0], 3)
-    with pytest.raises(ValueError, match="in_channels must be positive"):
-        DeformableConv2d(0, 4, 3)
+# --------------------------------------------------------------------- bad input
 
 
 # --------------------------------------------------------------------- bad input
 
 
-def test_conv2d_rejects_bad_input():
+def _rows_receptive_field_rejects_bad_input():
+    table = []
+    table.append(
+        pytest.param(
+            lambda: receptive_field([]),
+            ValueError,
+            "at least one layer",
+            id="receptive_field_rejects_bad_input-0",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: receptive_field(3),
+            TypeError,
+            "kernel_sizes must be a sequence of ints",
+            id="receptive_field_rejects_bad_input-1",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: receptive_field("33"),
+            TypeError,
+            "kernel_sizes must be a sequence of ints",
+            id="receptive_field_rejects_bad_input-2",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: receptive_field([3, 0]),
+            ValueError,
+            r"kernel_sizes\[1\] must be positive, got 0",
+            id="receptive_field_rejects_bad_input-3",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: receptive_field([3.0]),
+            TypeError,
+            r"kernel_sizes\[0\] must be an int",
+            id="receptive_field_rejects_bad_input-4",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: receptive_field([3, 3], strides=[1]),
+            ValueError,
+            r"strides must have one entry per layer \(2\)",
+            id="receptive_field_rejects_bad_input-5",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: receptive_field([3], dilations=[-1]),
+            ValueError,
+            r"dilations\[0\] must be positive, got -1",
+            id="receptive_field_rejects_bad_input-6",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: receptive_field([3], dilations=2),
+            TypeError,
+            "dilations must be a sequence of ints",
+            id="receptive_field_rejects_bad_input-7",
+        )
+    )
+    return table
+
+
+def _rows_gradient_footprint_rejects_a_too_small_size():
+    table = []
+    table.append(
+        pytest.param(
+            lambda: gradient_footprint([3, 3], size=4),
+            ValueError,
+            "size must be at least the receptive field 5",
+            id="gradient_footprint_rejects_a_too_small_size-0",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: gradient_footprint([3], size=0),
+            ValueError,
+            "size must be positive",
+            id="gradient_footprint_rejects_a_too_small_size-1",
+        )
+    )
+    return table
+
+
+def _rows_counts_reject_bad_input():
+    table = []
+    table.append(
+        pytest.param(
+            lambda: conv2d_params(0, 4, 3),
+            ValueError,
+            "in_channels must be positive",
+            id="counts_reject_bad_input-0",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d_params(4, 4.0, 3),
+            TypeError,
+            "out_channels must be an int",
+            id="counts_reject_bad_input-1",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d_params(4, 6, 3, groups=3),
+            ValueError,
+            r"groups \(3\) must divide the input channels",
+            id="counts_reject_bad_input-2",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d_params(4, 4, (3, 3, 3)),
+            TypeError,
+            "kernel_size must be an int or a pair of ints",
+            id="counts_reject_bad_input-3",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d_macs(4, 4, 3, (0, 5)),
+            ValueError,
+            "output_size must be positive",
+            id="counts_reject_bad_input-4",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: DepthwiseSeparableConv2d(0, 4, 3),
+            ValueError,
+            "in_channels must be positive",
+            id="counts_reject_bad_input-5",
+        )
+    )
+    return table
+
+
+def _rows_conv_transpose2d_rejects_bad_input():
+    x, w = rand(1, 4, 5, 5), rand(4, 3, 3, 3)
+    table = []
+    table.append(
+        pytest.param(
+            lambda: conv_transpose2d(x, w, stride=2, output_padding=2),
+            ValueError,
+            "output_padding must be smaller than stride",
+            id="conv_transpose2d_rejects_bad_input-0",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: F.conv_transpose2d(x, w, stride=2, output_padding=2),
+            RuntimeError,
+            "output padding must be smaller than",
+            id="conv_transpose2d_rejects_bad_input-1",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv_transpose2d(x, w, padding=7),
+            ValueError,
+            "padding 7 is too large",
+            id="conv_transpose2d_rejects_bad_input-2",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv_transpose2d(x, rand(3, 3, 3, 3)),
+            ValueError,
+            r"weight must have shape \(4, C_out / groups",
+            id="conv_transpose2d_rejects_bad_input-3",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv_transpose2d(x, w, groups=3),
+            ValueError,
+            r"groups \(3\) must divide the input channels",
+            id="conv_transpose2d_rejects_bad_input-4",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv_transpose2d(x, rand(4, 3, 3, 3), rand(3), groups=2),
+            ValueError,
+            r"bias must have shape \(6,\)",
+            id="conv_transpose2d_rejects_bad_input-5",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv_transpose2d(x[0], w),
+            ValueError,
+            "x must have 4 dimensions",
+            id="conv_transpose2d_rejects_bad_input-6",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv_transpose2d(x, w.float()),
+            TypeError,
+            "weight must have the dtype of x",
+            id="conv_transpose2d_rejects_bad_input-7",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv_transpose2d(x, w, output_padding=-1),
+            ValueError,
+            "output_padding must be non-negative",
+            id="conv_transpose2d_rejects_bad_input-8",
+        )
+    )
+    return table
+
+
+def _rows_bilinear_sample_rejects_bad_input():
+    image = rand(2, 3, 4, 5)
+    rows = torch.zeros(2, 6, dtype=torch.float64)
+    table = []
+    table.append(
+        pytest.param(
+            lambda: bilinear_sample(image[0], rows, rows),
+            ValueError,
+            "image must have 4 dimensions",
+            id="bilinear_sample_rejects_bad_input-0",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: bilinear_sample(image, rows, rows[:, :5]),
+            ValueError,
+            "rows and cols must have the same shape",
+            id="bilinear_sample_rejects_bad_input-1",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: bilinear_sample(image, rows[:1], rows[:1]),
+            ValueError,
+            r"same shape \(N=2, ...\)",
+            id="bilinear_sample_rejects_bad_input-2",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: bilinear_sample(image, rows.float(), rows),
+            TypeError,
+            "rows must have dtype torch.float64",
+            id="bilinear_sample_rejects_bad_input-3",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: bilinear_sample(image.long(), rows, rows),
+            TypeError,
+            "image must be a floating-point tensor",
+            id="bilinear_sample_rejects_bad_input-4",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: bilinear_sample(image, rows, [0.0]),
+            TypeError,
+            "cols must be a torch.Tensor",
+            id="bilinear_sample_rejects_bad_input-5",
+        )
+    )
+    return table
+
+
+def _rows_deform_conv2d_rejects_bad_input():
+    x, w = rand(1, 3, 6, 6), rand(4, 3, 3, 3)
+    offset = torch.zeros(1, 18, 4, 4, dtype=torch.float64)
+    deform_conv2d(x, offset, w)  # fine
+    table = []
+    table.append(
+        pytest.param(
+            lambda: deform_conv2d(x, torch.zeros(1, 18, 6, 6, dtype=torch.float64), w),
+            ValueError,
+            r"offset must have shape \(1, 18, 4, 4\).*got \(1, 18, 6, 6\)",
+            id="deform_conv2d_rejects_bad_input-0",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: deform_conv2d(x, offset[:, :9], w),
+            ValueError,
+            r"offset must have shape \(1, 18, 4, 4\)",
+            id="deform_conv2d_rejects_bad_input-1",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: deform_conv2d(x, offset.float(), w),
+            TypeError,
+            "offset must have dtype torch.float64",
+            id="deform_conv2d_rejects_bad_input-2",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: deform_conv2d(x, offset, rand(4, 2, 3, 3)),
+            ValueError,
+            r"weight must have shape \(C_out, 3, k_h, k_w\)",
+            id="deform_conv2d_rejects_bad_input-3",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: deform_conv2d(rand(1, 3, 2, 2), offset, w),
+            ValueError,
+            "too small for a kernel",
+            id="deform_conv2d_rejects_bad_input-4",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: sampling_positions(offset[:, :10], 3),
+            ValueError,
+            r"offset must have 2 \* 3 \* 3 = 18 channels",
+            id="deform_conv2d_rejects_bad_input-5",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: sampling_positions(offset[0], 3),
+            ValueError,
+            "offset must have 4 dimensions",
+            id="deform_conv2d_rejects_bad_input-6",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: DeformableConv2d(0, 4, 3),
+            ValueError,
+            "in_channels must be positive",
+            id="deform_conv2d_rejects_bad_input-7",
+        )
+    )
+    return table
+
+
+def _rows_conv2d_rejects_bad_input():
     x, w = rand(2, 4, 6, 6), rand(6, 2, 3, 3)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
-        conv2d(x.tolist(), w)
-    with pytest.raises(
-        ValueError, match=r"x must have 4 dimensions, got shape \(4, 6, 6\)"
-    ):
-        conv2d(x[0], w)
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        conv2d(x.long(), w)
-    with pytest.raises(ValueError, match="weight must have 4 dimensions"):
-        conv2d(x, w[0])
-    with pytest.raises(TypeError, match="weight must have the dtype of x"):
-        conv2d(x, w.float(), groups=2)
-    with pytest.raises(
-        ValueError, match=r"weight must have shape \(C_out, 4, k_h, k_w\) for x with 4"
-    ):
-        conv2d(x, w)  # groups=1 needs 4 input channels per kernel
-    with pytest.raises(
-        ValueError, match=r"groups \(3\) must divide the input channels"
-    ):
-        conv2d(x, w, groups=3)
-    with pytest.raises(ValueError, match="groups must be positive"):
-        conv2d(x, w, groups=0)
-    with pytest.raises(ValueError, match=r"bias must have shape \(6,\), got \(5,\)"):
-        conv2d(x, w, rand(5), groups=2)
-    with pytest.raises(TypeError, match="bias must have dtype torch.float64"):
-        conv2d(x, w, rand(6).float(), groups=2)
-    with pytest.raises(ValueError, match="stride must be positive, got 0"):
-        conv2d(x, w, stride=0, groups=2)
-    with pytest.raises(
-        ValueError, match=r"padding must be non-negative, got \(1, -1\)"
-    ):
-        conv2d(x, w, padding=(1, -1), groups=2)
-    with pytest.raises(TypeError, match="dilation must be an int or a pair of ints"):
-        conv2d(x, w, dilation=1.5, groups=2)
-    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
-        conv2d(x, w, stride=True, groups=2)
-    with pytest.raises(ValueError, match=r"spatial size \(6, 6\) is too small"):
-        conv2d(x, w, dilation=3, groups=2)
+    table = []
+    table.append(
+        pytest.param(
+            lambda: conv2d(x.tolist(), w),
+            TypeError,
+            "x must be a torch.Tensor, got list",
+            id="conv2d_rejects_bad_input-0",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x[0], w),
+            ValueError,
+            r"x must have 4 dimensions, got shape \(4, 6, 6\)",
+            id="conv2d_rejects_bad_input-1",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x.long(), w),
+            TypeError,
+            "x must be a floating-point tensor",
+            id="conv2d_rejects_bad_input-2",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w[0]),
+            ValueError,
+            "weight must have 4 dimensions",
+            id="conv2d_rejects_bad_input-3",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w.float(), groups=2),
+            TypeError,
+            "weight must have the dtype of x",
+            id="conv2d_rejects_bad_input-4",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w),
+            ValueError,
+            r"weight must have shape \(C_out, 4, k_h, k_w\) for x with 4",
+            id="conv2d_rejects_bad_input-5",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, groups=3),
+            ValueError,
+            r"groups \(3\) must divide the input channels",
+            id="conv2d_rejects_bad_input-6",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, groups=0),
+            ValueError,
+            "groups must be positive",
+            id="conv2d_rejects_bad_input-7",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, rand(5), groups=2),
+            ValueError,
+            r"bias must have shape \(6,\), got \(5,\)",
+            id="conv2d_rejects_bad_input-8",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, rand(6).float(), groups=2),
+            TypeError,
+            "bias must have dtype torch.float64",
+            id="conv2d_rejects_bad_input-9",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, stride=0, groups=2),
+            ValueError,
+            "stride must be positive, got 0",
+            id="conv2d_rejects_bad_input-10",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, padding=(1, -1), groups=2),
+            ValueError,
+            r"padding must be non-negative, got \(1, -1\)",
+            id="conv2d_rejects_bad_input-11",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, dilation=1.5, groups=2),
+            TypeError,
+            "dilation must be an int or a pair of ints",
+            id="conv2d_rejects_bad_input-12",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, stride=True, groups=2),
+            TypeError,
+            "stride must be an int or a pair of ints",
+            id="conv2d_rejects_bad_input-13",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: conv2d(x, w, dilation=3, groups=2),
+            ValueError,
+            r"spatial size \(6, 6\) is too small",
+            id="conv2d_rejects_bad_input-14",
+        )
+    )
+    return table
 
 
-def test_layers_reject_bad_arguments():
-    with pytest.raises(ValueError, match="out_channels must be positive"):
-        Conv2d(3, 0, 3)
-    with pytest.raises(ValueError, match="kernel_size must be positive"):
-        Conv2d(3, 3, 0)
-    with pytest.raises(
-        ValueError, match=r"groups \(2\) must divide the input channels"
-    ):
-        Conv2d(3, 4, 3, groups=2)
-    with pytest.raises(ValueError, match="padding must be non-negative"):
-        DepthwiseSeparableConv2d(3, 4, 3, padding=-1)
-    with pytest.raises(ValueError, match="dilation must be positive"):
-        DeformableConv2d(3, 4, 3, dilation=0)
+def _rows_layers_reject_bad_arguments():
+    table = []
+    table.append(
+        pytest.param(
+            lambda: Conv2d(3, 0, 3),
+            ValueError,
+            "out_channels must be positive",
+            id="layers_reject_bad_arguments-0",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: Conv2d(3, 3, 0),
+            ValueError,
+            "kernel_size must be positive",
+            id="layers_reject_bad_arguments-1",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: Conv2d(3, 4, 3, groups=2),
+            ValueError,
+            r"groups \(2\) must divide the input channels",
+            id="layers_reject_bad_arguments-2",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: DepthwiseSeparableConv2d(3, 4, 3, padding=-1),
+            ValueError,
+            "padding must be non-negative",
+            id="layers_reject_bad_arguments-3",
+        )
+    )
+    table.append(
+        pytest.param(
+            lambda: DeformableConv2d(3, 4, 3, dilation=0),
+            ValueError,
+            "dilation must be positive",
+            id="layers_reject_bad_arguments-4",
+        )
+    )
+    return table
+
+
+BAD_INPUT = [
+    *_rows_receptive_field_rejects_bad_input(),
+    *_rows_gradient_footprint_rejects_a_too_small_size(),
+    *_rows_counts_reject_bad_input(),
+    *_rows_conv_transpose2d_rejects_bad_input(),
+    *_rows_bilinear_sample_rejects_bad_input(),
+    *_rows_deform_conv2d_rejects_bad_input(),
+    *_rows_conv2d_rejects_bad_input(),
+    *_rows_layers_reject_bad_arguments(),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -530,129 +530,319 @@ def test_conv_gradient_norms_match_backward_and_keep_existing_gradients():
 # --------------------------------------------------------------------- bad input
 
 
-def test_counters_reject_bad_input():
-    layer = nn.Linear(3, 2)
-    for fn in (count_parameters, lambda m: count_macs(m, (3,))):
-        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
-            fn("resnet")
-    with pytest.raises(TypeError, match="input_shape must be a sequence of ints"):
-        count_macs(layer, 3)
-    with pytest.raises(TypeError, match="input_shape must be a sequence of ints"):
-        count_macs(layer, "3")
-    with pytest.raises(ValueError, match="input_shape must have at least one axis"):
-        count_macs(layer, ())
-    with pytest.raises(ValueError, match=r"input_shape\[1\] must be positive, got 0"):
-        macs_by_layer(layer, (2, 0))
-    with pytest.raises(TypeError, match=r"input_shape\[0\] must be an int"):
-        count_macs(layer, (3.0,))
+def _meta(call):
+    """Run ``call`` with every tensor it makes on the meta device (big models, no data)."""
+
+    def run():
+        with torch.device("meta"):
+            return call()
+
+    return run
 
 
-@pytest.mark.parametrize(
-    "make, good",
-    [
-        (LeNet5, (2, 1, 32, 32)),
-        (lambda: InceptionBlock(4, 1, 1, 1, 1, 1, 1), (2, 4, 5, 5)),
-        (lambda: BasicBlock(4, 4), (2, 4, 5, 5)),
-        (lambda: ConvBN(4, 2, 3), (2, 4, 5, 5)),
-        (lambda: Bottleneck(4, 8), (2, 4, 5, 5)),
-        (lambda: ResNet(BasicBlock, (1,), (4,), 3, 2, 4), (2, 2, 9, 9)),
-        (lambda: VGG((4, "M"), 3, 2), (2, 2, 8, 8)),
-    ],
-)
-def test_models_reject_bad_images(make, good):
-    model = make()
+def _bad_images(name, make, good):
+    """Four bad batches of images for the model ``make()``, whose good batch is ``good``."""
     n, c, h, w = good
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
-        model([[0.0]])
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        model(torch.zeros(good, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"x must have 4 dimensions, got shape"):
-        model(torch.zeros(c, h, w))
-    with pytest.raises(ValueError, match=rf"x must have {c} channels on axis 1"):
-        model(torch.zeros(n, c + 1, h, w))
+    return [
+        pytest.param(
+            lambda: make()([[0.0]]),
+            TypeError,
+            "x must be a torch.Tensor, got list",
+            id=f"{name}-x-list",
+        ),
+        pytest.param(
+            lambda: make()(torch.zeros(good, dtype=torch.long)),
+            TypeError,
+            "x must be a floating-point tensor",
+            id=f"{name}-x-long",
+        ),
+        pytest.param(
+            lambda: make()(torch.zeros(c, h, w)),
+            ValueError,
+            r"x must have 4 dimensions, got shape",
+            id=f"{name}-x-3d",
+        ),
+        pytest.param(
+            lambda: make()(torch.zeros(n, c + 1, h, w)),
+            ValueError,
+            rf"x must have {c} channels on axis 1",
+            id=f"{name}-x-channels",
+        ),
+    ]
 
 
-def test_models_reject_images_of_the_wrong_size():
-    with pytest.raises(ValueError, match=r"LeNet5 needs 32x32 images, got shape"):
-        LeNet5()(torch.zeros(1, 1, 28, 28))
-    with torch.device("meta"):  # 67 is the smallest size the three pools leave > 0
-        with pytest.raises(ValueError, match="AlexNet needs images of at least 67x67"):
-            AlexNet()(torch.zeros(1, 3, 32, 32))
+_LAYER = nn.Linear(3, 2)
+_SMALL = ResNet(BasicBlock, (1,), (4,), 3, 1, 4)
+_X, _Y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+
+BAD_INPUT = [
+    # counting
+    pytest.param(
+        lambda: count_parameters("resnet"),
+        TypeError,
+        "model must be a torch.nn.Module, got str",
+        id="count_parameters-model",
+    ),
+    pytest.param(
+        lambda: count_macs("resnet", (3,)),
+        TypeError,
+        "model must be a torch.nn.Module, got str",
+        id="count_macs-model",
+    ),
+    pytest.param(
+        lambda: count_macs(_LAYER, 3),
+        TypeError,
+        "input_shape must be a sequence of ints",
+        id="input_shape-int",
+    ),
+    pytest.param(
+        lambda: count_macs(_LAYER, "3"),
+        TypeError,
+        "input_shape must be a sequence of ints",
+        id="input_shape-str",
+    ),
+    pytest.param(
+        lambda: count_macs(_LAYER, ()),
+        ValueError,
+        "input_shape must have at least one axis",
+        id="input_shape-empty",
+    ),
+    pytest.param(
+        lambda: macs_by_layer(_LAYER, (2, 0)),
+        ValueError,
+        r"input_shape\[1\] must be positive, got 0",
+        id="input_shape-zero",
+    ),
+    pytest.param(
+        lambda: count_macs(_LAYER, (3.0,)),
+        TypeError,
+        r"input_shape\[0\] must be an int",
+        id="input_shape-float",
+    ),
+    # images
+    *_bad_images("LeNet5", LeNet5, (2, 1, 32, 32)),
+    *_bad_images(
+        "Inception", lambda: InceptionBlock(4, 1, 1, 1, 1, 1, 1), (2, 4, 5, 5)
+    ),
+    *_bad_images("BasicBlock", lambda: BasicBlock(4, 4), (2, 4, 5, 5)),
+    *_bad_images("ConvBN", lambda: ConvBN(4, 2, 3), (2, 4, 5, 5)),
+    *_bad_images("Bottleneck", lambda: Bottleneck(4, 8), (2, 4, 5, 5)),
+    *_bad_images(
+        "ResNet", lambda: ResNet(BasicBlock, (1,), (4,), 3, 2, 4), (2, 2, 9, 9)
+    ),
+    *_bad_images("VGG", lambda: VGG((4, "M"), 3, 2), (2, 2, 8, 8)),
+    pytest.param(
+        lambda: LeNet5()(torch.zeros(1, 1, 28, 28)),
+        ValueError,
+        r"LeNet5 needs 32x32 images, got shape",
+        id="LeNet5-x-size",
+    ),
+    pytest.param(
+        _meta(lambda: AlexNet()(torch.zeros(1, 3, 32, 32))),
+        ValueError,
+        "AlexNet needs images of at least 67x67",
+        id="AlexNet-x-size",
+    ),
+    pytest.param(
+        _meta(lambda: vgg("vgg11")(torch.zeros(1, 3, 16, 64))),
+        ValueError,
+        "this VGG needs images of at least 32x32",
+        id="VGG-x-size",
+    ),
+    # constructors
+    pytest.param(
+        lambda: LeNet5(0),
+        ValueError,
+        "num_classes must be positive, got 0",
+        id="LeNet5-num_classes",
+    ),
+    pytest.param(
+        lambda: AlexNet(groups=3),
+        ValueError,
+        "groups must be 1 or 2",
+        id="AlexNet-groups-3",
+    ),
+    pytest.param(
+        lambda: AlexNet(groups=2.0),
+        TypeError,
+        "groups must be an int",
+        id="AlexNet-groups-float",
+    ),
+    pytest.param(
+        lambda: vgg("vgg17"), ValueError, "name must be one of", id="vgg-name"
+    ),
+    pytest.param(
+        lambda: VGG(()),
+        ValueError,
+        "config must be a non-empty sequence",
+        id="VGG-config-empty",
+    ),
+    pytest.param(
+        lambda: VGG("64M"),
+        ValueError,
+        "config must be a non-empty sequence",
+        id="VGG-config-str",
+    ),
+    pytest.param(
+        lambda: VGG((64, "X")),
+        TypeError,
+        r"config\[1\] must be an int",
+        id="VGG-config-item",
+    ),
+    pytest.param(
+        lambda: VGG(("M",)),
+        ValueError,
+        "config must contain at least one convolution",
+        id="VGG-config-no-conv",
+    ),
+    pytest.param(
+        lambda: InceptionBlock(8, 4, 0, 4, 2, 2, 2),
+        ValueError,
+        "c3_reduce must be positive, got 0",
+        id="Inception-c3_reduce",
+    ),
+    pytest.param(
+        lambda: InceptionBlock(8, 4, 2, 4, 2, 2, 2.5),
+        TypeError,
+        "pool_proj must be an int",
+        id="Inception-pool_proj",
+    ),
+    pytest.param(
+        lambda: BasicBlock(4, 4, stride=0),
+        ValueError,
+        "stride must be positive, got 0",
+        id="BasicBlock-stride",
+    ),
+    pytest.param(
+        lambda: BasicBlock(4, 4, plain=1),
+        TypeError,
+        "plain must be a bool, got int",
+        id="BasicBlock-plain",
+    ),
+    pytest.param(
+        lambda: Bottleneck(8, 6),
+        ValueError,
+        "out_channels must be divisible by 4",
+        id="Bottleneck-out_channels",
+    ),
+    pytest.param(
+        lambda: ConvBN(3, 4, 0),
+        ValueError,
+        "kernel_size must be positive",
+        id="ConvBN-kernel_size",
+    ),
+    pytest.param(
+        lambda: ResidualBlock("F", 4, 4),
+        TypeError,
+        "residual must be a torch.nn.Module, got str",
+        id="ResidualBlock-residual",
+    ),
+    pytest.param(
+        lambda: ResidualBlock(nn.Identity(), 4, 0),
+        ValueError,
+        "out_channels must be positive",
+        id="ResidualBlock-out_channels",
+    ),
+    pytest.param(
+        lambda: ResidualBlock(nn.Identity(), 4, 4, stride=-1),
+        ValueError,
+        "stride must be positive",
+        id="ResidualBlock-stride",
+    ),
+    # ResNet
+    *[
+        pytest.param(
+            lambda block=block: ResNet(block, (1,), (4,)),
+            TypeError,
+            "block must be BasicBlock or Bottleneck",
+            id=f"ResNet-block-{i}",
+        )
+        for i, block in enumerate((nn.Conv2d, ResidualBlock, "basic"))
+    ],
+    pytest.param(
+        lambda: ResNet(BasicBlock, (1, 1), (4,)),
+        ValueError,
+        "same length, got 2 and 1",
+        id="ResNet-depths-widths",
+    ),
+    pytest.param(
+        lambda: ResNet(BasicBlock, (), ()),
+        ValueError,
+        "depths and widths must be non-empty",
+        id="ResNet-depths-empty",
+    ),
+    pytest.param(
+        lambda: ResNet(BasicBlock, (1, 0), (4, 8)),
+        ValueError,
+        r"depths\[1\] must be positive, got 0",
+        id="ResNet-depths-zero",
+    ),
+    pytest.param(
+        lambda: ResNet(BasicBlock, (1,), (-4,)),
+        ValueError,
+        r"widths\[0\] must be positive",
+        id="ResNet-widths",
+    ),
+    pytest.param(
+        lambda: ResNet(BasicBlock, (1,), (4,), stem_width=0),
+        ValueError,
+        "stem_width must be positive",
+        id="ResNet-stem_width",
+    ),
+    pytest.param(
+        lambda: ResNet(Bottleneck, (1,), (6,)),
+        ValueError,
+        "out_channels must be divisible by 4",
+        id="ResNet-bottleneck-width",
+    ),
+    # weights and gradients
+    pytest.param(
+        lambda: from_hf_state_dict([("a", torch.zeros(1))]),
+        TypeError,
+        "state_dict must be a mapping, got list",
+        id="state_dict-list",
+    ),
+    pytest.param(
+        lambda: conv_gradient_norms(_SMALL, _X, _Y.int()),
+        TypeError,
+        "y must have dtype torch.int64",
+        id="gradient_norms-y-dtype",
+    ),
+    pytest.param(
+        lambda: conv_gradient_norms(_SMALL, _X.long(), _Y),
+        TypeError,
+        "x must be a floating-point tensor",
+        id="gradient_norms-x-dtype",
+    ),
+    pytest.param(
+        lambda: conv_gradient_norms(_SMALL, _X, _Y[:3]),
+        ValueError,
+        "x and y must be .*same length, got 4 and 3",
+        id="gradient_norms-length",
+    ),
+    pytest.param(
+        lambda: conv_gradient_norms(nn.Flatten(), _X, _Y),
+        ValueError,
+        "model has no nn.Conv2d layer",
+        id="gradient_norms-model-no-conv",
+    ),
+    pytest.param(
+        lambda: conv_gradient_norms(None, _X, _Y),
+        TypeError,
+        "model must be a torch.nn.Module",
+        id="gradient_norms-model",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_alexnet_accepts_67_pixels_the_smallest_size_its_pools_allow():
+    with torch.device("meta"):
         assert AlexNet()(torch.empty(1, 3, 67, 67)).shape == (1, 1000)
         with pytest.raises(RuntimeError):
             AlexNet().features(torch.empty(1, 3, 66, 66))
-    with pytest.raises(ValueError, match="this VGG needs images of at least 32x32"):
-        with torch.device("meta"):
-            vgg("vgg11")(torch.zeros(1, 3, 16, 64))
-
-
-def test_constructors_reject_bad_arguments():
-    with pytest.raises(ValueError, match="num_classes must be positive, got 0"):
-        LeNet5(0)
-    with pytest.raises(ValueError, match="groups must be 1 or 2"):
-        AlexNet(groups=3)
-    with pytest.raises(TypeError, match="groups must be an int"):
-        AlexNet(groups=2.0)
-    with pytest.raises(ValueError, match="name must be one of"):
-        vgg("vgg17")
-    with pytest.raises(ValueError, match="config must be a non-empty sequence"):
-        VGG(())
-    with pytest.raises(ValueError, match="config must be a non-empty sequence"):
-        VGG("64M")
-    with pytest.raises(TypeError, match=r"config\[1\] must be an int"):
-        VGG((64, "X"))
-    with pytest.raises(ValueError, match="at least one convolution"):
-        VGG(("M",))
-    with pytest.raises(ValueError, match="c3_reduce must be positive, got 0"):
-        InceptionBlock(8, 4, 0, 4, 2, 2, 2)
-    with pytest.raises(TypeError, match="pool_proj must be an int"):
-        InceptionBlock(8, 4, 2, 4, 2, 2, 2.5)
-    with pytest.raises(ValueError, match="stride must be positive, got 0"):
-        BasicBlock(4, 4, stride=0)
-    with pytest.raises(TypeError, match="plain must be a bool, got int"):
-        BasicBlock(4, 4, plain=1)
-    with pytest.raises(ValueError, match="out_channels must be divisible by 4"):
-        Bottleneck(8, 6)
-    with pytest.raises(ValueError, match="kernel_size must be positive"):
-        ConvBN(3, 4, 0)
-    with pytest.raises(TypeError, match="residual must be a torch.nn.Module, got str"):
-        ResidualBlock("F", 4, 4)
-    with pytest.raises(ValueError, match="out_channels must be positive"):
-        ResidualBlock(nn.Identity(), 4, 0)
-    with pytest.raises(ValueError, match="stride must be positive"):
-        ResidualBlock(nn.Identity(), 4, 4, stride=-1)
-
-
-def test_resnet_rejects_bad_arguments():
-    for block in (nn.Conv2d, ResidualBlock, "basic"):
-        with pytest.raises(TypeError, match="block must be BasicBlock or Bottleneck"):
-            ResNet(block, (1,), (4,))
-    with pytest.raises(ValueError, match="same length, got 2 and 1"):
-        ResNet(BasicBlock, (1, 1), (4,))
-    with pytest.raises(ValueError, match="non-empty"):
-        ResNet(BasicBlock, (), ())
-    with pytest.raises(ValueError, match=r"depths\[1\] must be positive, got 0"):
-        ResNet(BasicBlock, (1, 0), (4, 8))
-    with pytest.raises(ValueError, match=r"widths\[0\] must be positive"):
-        ResNet(BasicBlock, (1,), (-4,))
-    with pytest.raises(ValueError, match="stem_width must be positive"):
-        ResNet(BasicBlock, (1,), (4,), stem_width=0)
-    with pytest.raises(ValueError, match="out_channels must be divisible by 4"):
-        ResNet(Bottleneck, (1,), (6,))
-
-
-def test_from_hf_state_dict_and_gradient_norms_reject_bad_input():
-    with pytest.raises(TypeError, match="state_dict must be a mapping, got list"):
-        from_hf_state_dict([("a", torch.zeros(1))])
-    model = ResNet(BasicBlock, (1,), (4,), 3, 1, 4)
-    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
-    with pytest.raises(TypeError, match="y must have dtype torch.int64"):
-        conv_gradient_norms(model, x, y.int())
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        conv_gradient_norms(model, x.long(), y)
-    with pytest.raises(ValueError, match="same length, got 4 and 3"):
-        conv_gradient_norms(model, x, y[:3])
-    with pytest.raises(ValueError, match="model has no nn.Conv2d layer"):
-        conv_gradient_norms(nn.Flatten(), x, y)
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
-        conv_gradient_norms(None, x, y)

@@ -381,122 +381,219 @@ def test_boundary_band_of_a_square_has_8k_minus_4_pixels(k):
     assert boundary_band(masks).sum().item() == rim + 4 * k
 
 
-def test_boundary_band_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"masks must have 3 dimensions, got shape"):
-        boundary_band(torch.zeros(4, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="masks must hold integer class labels"):
-        boundary_band(torch.zeros(1, 4, 4))
-    with pytest.raises(ValueError, match="width must be positive, got 0"):
-        boundary_band(torch.zeros(1, 4, 4, dtype=torch.long), width=0)
-
-
 # --------------------------------------------------------------------- bad input
 
 
-def test_unet_rejects_sizes_not_divisible_by_2_to_the_depth():
-    model = UNet(1, 2, base_channels=2, depth=3)
-    with pytest.raises(
-        ValueError,
-        match=r"divisible by 2\*\*depth = 8, got shape \(1, 1, 12, 16\)",
-    ):
-        model(torch.randn(1, 1, 12, 16))
-    with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 8"):
-        model(torch.randn(1, 1, 16, 20))
+_LONG = torch.zeros(2, 4, 4, dtype=torch.long)
+_LOGITS = torch.randn(2, 3, 4, 4)
+_UNET_ARGS = dict(in_channels=1, n_classes=2, base_channels=4, depth=2)
+_BAD_UNET_ARGS = [
+    (dict(in_channels=0), ValueError, "in_channels must be positive, got 0"),
+    (dict(in_channels=1.0), TypeError, "in_channels must be an int"),
+    (dict(n_classes=1), ValueError, "n_classes must be at least 2, got 1"),
+    (dict(n_classes=-3), ValueError, "n_classes must be positive"),
+    (dict(base_channels=0), ValueError, "base_channels must be positive"),
+    (dict(depth=0), ValueError, "depth must be positive, got 0"),
+    (dict(depth=True), TypeError, "depth must be an int"),
+    (dict(skip=1), TypeError, "skip must be a bool, got int"),
+]
 
 
-def test_unet_rejects_the_wrong_channels_dimensions_and_dtype():
-    model = UNet(3, 2, base_channels=2, depth=1)
-    with pytest.raises(
-        ValueError, match=r"x must have 3 channels on axis 1, got shape \(1, 1, 4, 4\)"
-    ):
-        model(torch.randn(1, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"x must have 4 dimensions, got shape"):
-        model(torch.randn(3, 4, 4))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        model(torch.ones(1, 3, 4, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        model(np.zeros((1, 3, 4, 4), dtype=np.float32))
+def _metric_rows(fn):
+    name = fn.__name__
+    return [
+        pytest.param(
+            lambda: fn(torch.zeros(2, 4, 5, dtype=torch.long), _LONG, 3),
+            ValueError,
+            r"pred and target must have the same shape, got \(2, 4, 5\) and "
+            r"\(2, 4, 4\)",
+            id=f"{name}-shapes",
+        ),
+        pytest.param(
+            lambda: fn(torch.arange(32).reshape(2, 4, 4) % 4, _LONG, 3),
+            ValueError,
+            r"pred labels must lie in \[0, 2\], got values from 0 to 3",
+            id=f"{name}-pred-range",
+        ),
+        pytest.param(
+            lambda: fn(_LONG, torch.full((2, 4, 4), -1), 3),
+            ValueError,
+            r"target labels must lie in \[0, 2\]",
+            id=f"{name}-target-range",
+        ),
+        pytest.param(
+            lambda: fn(torch.zeros(2, 4, 4), _LONG, 3),
+            TypeError,
+            "pred must hold integer class labels",
+            id=f"{name}-pred-float",
+        ),
+        pytest.param(
+            lambda: fn(_LONG, _LONG.bool(), 3),
+            TypeError,
+            "target must hold integer class labels",
+            id=f"{name}-target-bool",
+        ),
+        pytest.param(
+            lambda: fn(_LONG.numpy(), _LONG, 3),
+            TypeError,
+            "pred must be a torch.Tensor",
+            id=f"{name}-pred-numpy",
+        ),
+        pytest.param(
+            lambda: fn(_LONG, _LONG, 0),
+            ValueError,
+            "n_classes must be positive",
+            id=f"{name}-n_classes",
+        ),
+        pytest.param(
+            lambda: fn(_LONG, _LONG, 3, average="micro"),
+            ValueError,
+            "average must be None or 'macro'",
+            id=f"{name}-average",
+        ),
+    ]
 
 
-def test_double_conv_rejects_the_wrong_channels():
-    with pytest.raises(ValueError, match="x must have 2 channels on axis 1"):
-        DoubleConv(2, 4)(torch.randn(1, 3, 5, 5))
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        (dict(in_channels=0), ValueError, "in_channels must be positive, got 0"),
-        (dict(in_channels=1.0), TypeError, "in_channels must be an int"),
-        (dict(n_classes=1), ValueError, "n_classes must be at least 2, got 1"),
-        (dict(n_classes=-3), ValueError, "n_classes must be positive"),
-        (dict(base_channels=0), ValueError, "base_channels must be positive"),
-        (dict(depth=0), ValueError, "depth must be positive, got 0"),
-        (dict(depth=True), TypeError, "depth must be an int"),
-        (dict(skip=1), TypeError, "skip must be a bool, got int"),
+BAD_INPUT = [
+    # UNet and its parameter count
+    *[
+        pytest.param(
+            lambda kw=kw: UNet(**{**_UNET_ARGS, **kw}),
+            error,
+            match,
+            id=f"UNet-{next(iter(kw))}={next(iter(kw.values()))}",
+        )
+        for kw, error, match in _BAD_UNET_ARGS
     ],
-    ids=str,
-)
-def test_unet_and_its_count_reject_bad_arguments(kwargs, error, message):
-    arguments = dict(in_channels=1, n_classes=2, base_channels=4, depth=2)
-    arguments.update(kwargs)
-    with pytest.raises(error, match=message):
-        UNet(**arguments)
-    if kwargs != dict(n_classes=1):
-        with pytest.raises(error, match=message):
-            unet_parameter_count(**arguments)
-
-
-def test_double_conv_rejects_bad_channels():
-    with pytest.raises(ValueError, match="out_channels must be positive"):
-        DoubleConv(3, 0)
-    with pytest.raises(TypeError, match="in_channels must be an int"):
-        DoubleConv("3", 4)
-
-
-@pytest.mark.parametrize("fn", [dice_score, iou_score])
-def test_metrics_reject_bad_input(fn):
-    target = torch.zeros(2, 4, 4, dtype=torch.long)
-    with pytest.raises(
+    *[
+        pytest.param(
+            lambda kw=kw: unet_parameter_count(**{**_UNET_ARGS, **kw}),
+            error,
+            match,
+            id=f"count-{next(iter(kw))}={next(iter(kw.values()))}",
+        )
+        for kw, error, match in _BAD_UNET_ARGS
+        if kw != dict(n_classes=1)
+    ],
+    pytest.param(
+        lambda: UNet(1, 2, base_channels=2, depth=3)(torch.randn(1, 1, 12, 16)),
         ValueError,
-        match=r"pred and target must have the same shape, got \(2, 4, 5\) and "
-        r"\(2, 4, 4\)",
-    ):
-        fn(torch.zeros(2, 4, 5, dtype=torch.long), target, 3)
-    with pytest.raises(
-        ValueError, match=r"pred labels must lie in \[0, 2\], got values from 0 to 3"
-    ):
-        fn(torch.arange(32).reshape(2, 4, 4) % 4, target, 3)
-    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 2\]"):
-        fn(target, torch.full((2, 4, 4), -1), 3)
-    with pytest.raises(TypeError, match="pred must hold integer class labels"):
-        fn(torch.zeros(2, 4, 4), target, 3)
-    with pytest.raises(TypeError, match="target must hold integer class labels"):
-        fn(target, target.bool(), 3)
-    with pytest.raises(TypeError, match="pred must be a torch.Tensor"):
-        fn(target.numpy(), target, 3)
-    with pytest.raises(ValueError, match="n_classes must be positive"):
-        fn(target, target, 0)
-    with pytest.raises(ValueError, match="average must be None or 'macro'"):
-        fn(target, target, 3, average="micro")
-
-
-def test_dice_loss_rejects_bad_input():
-    logits = torch.randn(2, 3, 4, 4)
-    target = torch.zeros(2, 4, 4, dtype=torch.long)
-    with pytest.raises(
+        r"divisible by 2\*\*depth = 8, got shape \(1, 1, 12, 16\)",
+        id="UNet-x-height",
+    ),
+    pytest.param(
+        lambda: UNet(1, 2, base_channels=2, depth=3)(torch.randn(1, 1, 16, 20)),
         ValueError,
-        match=r"target must have the shape of logits without the class axis 1, "
+        r"divisible by 2\*\*depth = 8",
+        id="UNet-x-width",
+    ),
+    pytest.param(
+        lambda: UNet(3, 2, base_channels=2, depth=1)(torch.randn(1, 1, 4, 4)),
+        ValueError,
+        r"x must have 3 channels on axis 1, got shape \(1, 1, 4, 4\)",
+        id="UNet-x-channels",
+    ),
+    pytest.param(
+        lambda: UNet(3, 2, base_channels=2, depth=1)(torch.randn(3, 4, 4)),
+        ValueError,
+        r"x must have 4 dimensions, got shape",
+        id="UNet-x-3d",
+    ),
+    pytest.param(
+        lambda: UNet(3, 2, base_channels=2, depth=1)(torch.ones(1, 3, 4, 4).long()),
+        TypeError,
+        "x must be a floating-point tensor",
+        id="UNet-x-long",
+    ),
+    pytest.param(
+        lambda: UNet(3, 2, base_channels=2, depth=1)(np.zeros((1, 3, 4, 4), "f4")),
+        TypeError,
+        "x must be a torch.Tensor",
+        id="UNet-x-numpy",
+    ),
+    # DoubleConv
+    pytest.param(
+        lambda: DoubleConv(2, 4)(torch.randn(1, 3, 5, 5)),
+        ValueError,
+        "x must have 2 channels on axis 1",
+        id="DoubleConv-x-channels",
+    ),
+    pytest.param(
+        lambda: DoubleConv(3, 0),
+        ValueError,
+        "out_channels must be positive",
+        id="DoubleConv-out_channels",
+    ),
+    pytest.param(
+        lambda: DoubleConv("3", 4),
+        TypeError,
+        "in_channels must be an int",
+        id="DoubleConv-in_channels",
+    ),
+    # boundary_band
+    pytest.param(
+        lambda: boundary_band(torch.zeros(4, 4, dtype=torch.long)),
+        ValueError,
+        r"masks must have 3 dimensions, got shape",
+        id="boundary_band-masks-2d",
+    ),
+    pytest.param(
+        lambda: boundary_band(torch.zeros(1, 4, 4)),
+        TypeError,
+        "masks must hold integer class labels",
+        id="boundary_band-masks-float",
+    ),
+    pytest.param(
+        lambda: boundary_band(torch.zeros(1, 4, 4, dtype=torch.long), width=0),
+        ValueError,
+        "width must be positive, got 0",
+        id="boundary_band-width",
+    ),
+    # metrics
+    *_metric_rows(dice_score),
+    *_metric_rows(iou_score),
+    # dice_loss
+    pytest.param(
+        lambda: dice_loss(_LOGITS, torch.zeros(2, 3, 4, dtype=torch.long)),
+        ValueError,
+        r"target must have the shape of logits without the class axis 1, "
         r"got logits \(2, 3, 4, 4\) and target \(2, 3, 4\)",
-    ):
-        dice_loss(logits, torch.zeros(2, 3, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="target must have the shape of logits"):
-        dice_loss(torch.randn(3), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 2\]"):
-        dice_loss(logits, torch.full((2, 4, 4), 3))
-    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
-        dice_loss(logits.long(), target)
-    with pytest.raises(TypeError, match="target must have dtype torch.int64"):
-        dice_loss(logits, target.int())
-    with pytest.raises(ValueError, match=r"smooth must be in \(0, inf\)"):
-        dice_loss(logits, target, smooth=0)
+        id="dice_loss-target-shape",
+    ),
+    pytest.param(
+        lambda: dice_loss(torch.randn(3), torch.zeros(3, dtype=torch.long)),
+        ValueError,
+        "target must have the shape of logits",
+        id="dice_loss-logits-1d",
+    ),
+    pytest.param(
+        lambda: dice_loss(_LOGITS, torch.full((2, 4, 4), 3)),
+        ValueError,
+        r"target labels must lie in \[0, 2\]",
+        id="dice_loss-target-range",
+    ),
+    pytest.param(
+        lambda: dice_loss(_LOGITS.long(), _LONG),
+        TypeError,
+        "logits must be a floating-point tensor",
+        id="dice_loss-logits-long",
+    ),
+    pytest.param(
+        lambda: dice_loss(_LOGITS, _LONG.int()),
+        TypeError,
+        "target must have dtype torch.int64",
+        id="dice_loss-target-int",
+    ),
+    pytest.param(
+        lambda: dice_loss(_LOGITS, _LONG, smooth=0),
+        ValueError,
+        r"smooth must be in \(0, inf\)",
+        id="dice_loss-smooth",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

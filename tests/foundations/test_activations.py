@@ -549,7 +549,7 @@ def test_gated_feed_forward_gradients_reach_all_three_weights_and_the_input():
     )
 
 
-# --------------------------------------------------------------------- bad input
+# --------------------------------------------------------------------- bad input: one table
 
 ALL_FUNCTIONS = {
     **{n: f for n, (f, _) in ELEMENTWISE.items() if "-" not in n},
@@ -560,95 +560,209 @@ ALL_FUNCTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", list(ALL_FUNCTIONS))
-def test_functions_reject_a_non_tensor_or_an_integer_tensor(name):
-    f = ALL_FUNCTIONS[name]
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
-        f([1.0, -1.0])
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
-        f(rand(4).numpy())
-    with pytest.raises(TypeError, match="x must be a floating-point tensor.*int64"):
-        f(torch.tensor([1, -1, 2, 0]))
-    with pytest.raises(TypeError, match="floating-point.*bool"):
-        f(torch.tensor([True, False]))
+def _p(call, error, match, id):
+    return pytest.param(call, error, match, id=id)
 
 
-def test_prelu_rejects_a_bad_weight():
-    x = rand(4, 3)
-    with pytest.raises(
-        ValueError, match="weight has 2 slopes but x has shape \\(4, 3\\)"
-    ):
-        prelu(x, torch.tensor([0.1, 0.2]))
-    with pytest.raises(
-        ValueError, match="weight has 3 slopes but x has shape \\(3,\\)"
-    ):
-        prelu(rand(3), torch.tensor([0.1, 0.2, 0.3]))  # no channel axis in 1-D input
-    with pytest.raises(ValueError, match="weight must have 1 dimensions.*\\(1, 3\\)"):
-        prelu(x, torch.ones(1, 3))
-    with pytest.raises(ValueError, match="weight must have 1 dimensions.*\\(\\)"):
-        prelu(x, torch.tensor(0.25))
-    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got float"):
-        prelu(x, 0.25)
-    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
-        prelu(x, torch.tensor([1, 2, 3]))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        prelu(torch.ones(4, 3, dtype=torch.int64), torch.tensor([0.25]))
+_NOT_A_NUMBER = ("0.1", None, [0.1], torch.tensor(0.1), True)
+_NOT_FINITE = (float("nan"), float("inf"), -float("inf"))
+BAD_INPUT = [
+    *[
+        row
+        for n, f in ALL_FUNCTIONS.items()
+        for row in [
+            _p(
+                lambda f=f: f([1.0, -1.0]),
+                TypeError,
+                "x must be a torch.Tensor, got list",
+                f"{n}-x-list",
+            ),
+            _p(
+                lambda f=f: f(rand(4).numpy()),
+                TypeError,
+                "x must be a torch.Tensor, got ndarray",
+                f"{n}-x-ndarray",
+            ),
+            _p(
+                lambda f=f: f(torch.tensor([1, -1, 2, 0])),
+                TypeError,
+                "x must be a floating-point tensor.*int64",
+                f"{n}-x-int",
+            ),
+            _p(
+                lambda f=f: f(torch.tensor([True, False])),
+                TypeError,
+                "x must be a floating-point.*bool",
+                f"{n}-x-bool",
+            ),
+        ]
+    ],
+    _p(
+        lambda: prelu(rand(4, 3), torch.tensor([0.1, 0.2])),
+        ValueError,
+        r"weight has 2 slopes but x has shape \(4, 3\)",
+        "prelu-weight-size",
+    ),
+    # no channel axis in a 1-D input
+    _p(
+        lambda: prelu(rand(3), torch.tensor([0.1, 0.2, 0.3])),
+        ValueError,
+        r"weight has 3 slopes but x has shape \(3,\)",
+        "prelu-weight-1d-x",
+    ),
+    _p(
+        lambda: prelu(rand(4, 3), torch.ones(1, 3)),
+        ValueError,
+        r"weight must have 1 dimensions.*\(1, 3\)",
+        "prelu-weight-2d",
+    ),
+    _p(
+        lambda: prelu(rand(4, 3), torch.tensor(0.25)),
+        ValueError,
+        r"weight must have 1 dimensions.*\(\)",
+        "prelu-weight-0d",
+    ),
+    _p(
+        lambda: prelu(rand(4, 3), 0.25),
+        TypeError,
+        "weight must be a torch.Tensor, got float",
+        "prelu-weight-float",
+    ),
+    _p(
+        lambda: prelu(rand(4, 3), torch.tensor([1, 2, 3])),
+        TypeError,
+        "weight must be a floating-point tensor",
+        "prelu-weight-int",
+    ),
+    _p(
+        lambda: prelu(torch.ones(4, 3, dtype=torch.int64), torch.tensor([0.25])),
+        TypeError,
+        "x must be a floating-point tensor",
+        "prelu-x-int",
+    ),
+    *[
+        row
+        for n, (f, _) in GATED.items()
+        for row in [
+            _p(
+                lambda f=f: f(rand(4, 5)),
+                ValueError,
+                r"even size along dim -1.*\(4, 5\)",
+                f"{n}-x-odd",
+            ),
+            _p(
+                lambda f=f: f(rand(3, 4), dim=0),
+                ValueError,
+                r"even size along dim 0.*\(3, 4\)",
+                f"{n}-x-odd-dim0",
+            ),
+            *[
+                _p(
+                    lambda f=f, d=d: f(rand(4, 4), dim=d),
+                    ValueError,
+                    f"dim {d} is not an axis of a 2-D input",
+                    f"{n}-dim-{d}",
+                )
+                for d in (2, -3, 7)
+            ],
+            _p(
+                lambda f=f: f(torch.tensor(1.0)),
+                ValueError,
+                "dim -1 is not an axis of a 0-D input",
+                f"{n}-x-0d",
+            ),
+        ]
+    ],
+    *[
+        _p(
+            lambda f=f, bad=bad: f(rand(5), bad),
+            TypeError,
+            f"{arg} must be a number",
+            f"{arg}-{type(bad).__name__}",
+        )
+        for f, arg in ((leaky_relu, "negative_slope"), (elu, "alpha"))
+        for bad in _NOT_A_NUMBER
+    ],
+    *[
+        _p(
+            lambda f=f, bad=bad: f(rand(5), bad),
+            ValueError,
+            f"{arg} must be finite",
+            f"{arg}-{bad}",
+        )
+        for f, arg in ((leaky_relu, "negative_slope"), (elu, "alpha"))
+        for bad in _NOT_FINITE
+    ],
+    _p(
+        lambda: GatedFeedForward(0, 4),
+        ValueError,
+        "d_model must be positive, got 0",
+        "ffn-d_model-0",
+    ),
+    _p(
+        lambda: GatedFeedForward(4, -2),
+        ValueError,
+        "d_hidden must be positive, got -2",
+        "ffn-d_hidden-negative",
+    ),
+    _p(
+        lambda: GatedFeedForward(4.0, 4),
+        TypeError,
+        "d_model must be an int, got float",
+        "ffn-d_model-float",
+    ),
+    _p(
+        lambda: GatedFeedForward(4, True),
+        TypeError,
+        "d_hidden must be an int, got bool",
+        "ffn-d_hidden-bool",
+    ),
+    _p(
+        lambda: GatedFeedForward(4, 4, activation="silu"),
+        TypeError,
+        "activation must be callable, got 'silu'",
+        "ffn-activation-str",
+    ),
+    _p(
+        lambda: GatedFeedForward(4, 4, activation=None),
+        TypeError,
+        "activation must be callable, got None",
+        "ffn-activation-none",
+    ),
+    _p(
+        lambda: GatedFeedForward(8, 12)(torch.randn(2, 7)),
+        ValueError,
+        r"x must end with d_model=8, got shape \(2, 7\)",
+        "ffn-x-width",
+    ),
+    _p(
+        lambda: GatedFeedForward(8, 12)(torch.randn(8, 2)),
+        ValueError,
+        r"x must end with d_model=8, got shape \(8, 2\)",
+        "ffn-x-transposed",
+    ),
+    _p(
+        lambda: GatedFeedForward(8, 12)([[0.0] * 8]),
+        TypeError,
+        "x must be a torch.Tensor, got list",
+        "ffn-x-list",
+    ),
+    _p(
+        lambda: GatedFeedForward(8, 12)(torch.ones(2, 8, dtype=torch.int64)),
+        TypeError,
+        "x must be a floating-point tensor",
+        "ffn-x-int",
+    ),
+]
 
 
-@pytest.mark.parametrize("name", list(GATED))
-def test_gated_units_reject_an_odd_size_or_a_dim_out_of_range(name):
-    f = GATED[name][0]
-    with pytest.raises(ValueError, match="even size along dim -1.*\\(4, 5\\)"):
-        f(rand(4, 5))
-    with pytest.raises(ValueError, match="even size along dim 0.*\\(3, 4\\)"):
-        f(rand(3, 4), dim=0)
-    for dim in (2, -3, 7):
-        with pytest.raises(
-            ValueError, match=f"dim {dim} is not an axis of a 2-D input"
-        ):
-            f(rand(4, 4), dim=dim)
-    with pytest.raises(ValueError, match="dim -1 is not an axis of a 0-D input"):
-        f(torch.tensor(1.0))
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
-@pytest.mark.parametrize(
-    "f, arg", [(leaky_relu, "negative_slope"), (elu, "alpha")], ids=["leaky", "elu"]
-)
-def test_slope_and_alpha_must_be_finite_numbers(f, arg):
+@pytest.mark.parametrize("f", [leaky_relu, elu], ids=["leaky", "elu"])
+def test_an_int_slope_or_alpha_is_a_number(f):
     x = rand(5)
-    for bad in ("0.1", None, [0.1], torch.tensor(0.1), True):
-        with pytest.raises(TypeError, match=f"{arg} must be a number"):
-            f(x, bad)
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(ValueError, match=f"{arg} must be finite"):
-            f(x, bad)
-    f(x, 1)  # an int is a number
-
-
-def test_gated_feed_forward_rejects_bad_sizes_and_activation():
-    with pytest.raises(ValueError, match="d_model must be positive, got 0"):
-        GatedFeedForward(0, 4)
-    with pytest.raises(ValueError, match="d_hidden must be positive, got -2"):
-        GatedFeedForward(4, -2)
-    with pytest.raises(TypeError, match="d_model must be an int, got float"):
-        GatedFeedForward(4.0, 4)
-    with pytest.raises(TypeError, match="d_hidden must be an int, got bool"):
-        GatedFeedForward(4, True)
-    with pytest.raises(TypeError, match="activation must be callable, got 'silu'"):
-        GatedFeedForward(4, 4, activation="silu")
-    with pytest.raises(TypeError, match="activation must be callable, got None"):
-        GatedFeedForward(4, 4, activation=None)
-
-
-def test_gated_feed_forward_rejects_bad_input():
-    ffn = GatedFeedForward(8, 12)
-    with pytest.raises(
-        ValueError, match="x must end with d_model=8, got shape \\(2, 7\\)"
-    ):
-        ffn(torch.randn(2, 7))
-    with pytest.raises(ValueError, match="d_model=8, got shape \\(8, 2\\)"):
-        ffn(torch.randn(8, 2))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
-        ffn([[0.0] * 8])
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        ffn(torch.ones(2, 8, dtype=torch.int64))
+    torch.testing.assert_close(f(x, 1), f(x, 1.0))

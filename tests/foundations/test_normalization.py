@@ -497,20 +497,7 @@ def test_draw_norm_axes_shades_the_values_that_share_statistics(kind, monkeypatc
     plt.close(fig)
 
 
-def test_draw_norm_axes_rejects_bad_arguments():
-    fig = plt.figure()
-    ax3d = fig.add_subplot(1, 2, 1, projection="3d")
-    ax2d = fig.add_subplot(1, 2, 2)
-    with pytest.raises(ValueError, match="kind must be one of"):
-        draw_norm_axes(ax3d, "weight")
-    with pytest.raises(TypeError, match="3-D axes"):
-        draw_norm_axes(ax2d, "batch")
-    with pytest.raises(ValueError, match=r"c \(5\) must be divisible by groups \(2\)"):
-        draw_norm_axes(ax3d, "group", c=5, groups=2)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------- bad input
+# --------------------------------------------------------------------- bad input: one table
 
 LAYERS = {
     "batch": lambda: BatchNorm(3),
@@ -519,149 +506,296 @@ LAYERS = {
     "group": lambda: GroupNorm(1, 3),
     "rms": lambda: RMSNorm(3),
 }
+EPS_LAYERS = {
+    "batch": lambda eps: BatchNorm(3, eps=eps),
+    "layer": lambda eps: LayerNorm(3, eps=eps),
+    "instance": lambda eps: InstanceNorm(3, eps=eps),
+    "group": lambda eps: GroupNorm(1, 3, eps=eps),
+    "rms": lambda eps: RMSNorm(3, eps=eps),
+}
+CHANNEL_LAYERS = {
+    "batch": BatchNorm,
+    "instance": InstanceNorm,
+    "group": lambda n: GroupNorm(1, n),
+}
 
 
-@pytest.mark.parametrize("kind", list(LAYERS))
-def test_layers_reject_a_non_tensor_or_an_integer_input(kind):
-    layer = LAYERS[kind]()
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
-        layer([[[1.0, 2.0, 3.0]] * 3] * 2)
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        layer(torch.ones(2, 3, 3, dtype=torch.int64))
+def _p(call, error, match, id):
+    return pytest.param(call, error, match, id=id)
 
 
-@pytest.mark.parametrize("fn", [standardize, rms_scale])
-def test_functions_reject_bad_input(fn):
-    x = torch.randn(2, 3)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        fn(x.tolist(), (1,))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        fn(torch.ones(2, 3, dtype=torch.int32), (1,))
-    with pytest.raises(ValueError, match="eps must be in"):
-        fn(x, (1,), eps=-1e-5)
-    with pytest.raises(ValueError, match="at least one axis"):
-        fn(x, ())
-    for dims in [(1, 1), (1, -1), (0, -2)]:
-        with pytest.raises(ValueError, match="not distinct axes of a 2-D input"):
-            fn(x, dims)
-    for dims in [(2,), (-3,), (0, 5)]:
-        with pytest.raises(ValueError, match="not distinct axes of a 2-D input"):
-            fn(x, dims)
+def _axes(projection=None):
+    fig = plt.figure()
+    return fig.add_subplot(projection=projection)
 
 
-@pytest.mark.parametrize("fn", [standardize, rms_scale])
-def test_functions_reject_a_zero_dimensional_input_with_a_value_error(fn):
-    with pytest.raises(ValueError, match="0-D input"):
-        fn(torch.tensor(1.0), (0,))
-
-
-@pytest.mark.parametrize("kind", ["batch", "instance", "group"])
-def test_channel_layers_reject_the_wrong_number_of_channels(kind):
-    layer = LAYERS[kind]()
-    with pytest.raises(
-        ValueError, match=r"x must have 3 channels on axis 1, got shape \(2, 4, 5\)"
-    ):
-        layer(torch.randn(2, 4, 5))
-
-
-def test_layers_reject_the_wrong_number_of_dimensions():
-    with pytest.raises(
-        ValueError, match=r"x must have 2 or 3 or 4 or 5 dimensions, got shape \(3,\)"
-    ):
-        BatchNorm(3)(torch.randn(3))
-    with pytest.raises(
-        ValueError, match=r"x must have 3 or 4 or 5 dimensions, got shape \(2, 3\)"
-    ):
-        InstanceNorm(3)(torch.randn(2, 3))
-    with pytest.raises(ValueError, match="x must have 2 or 3 or 4 or 5 dimensions"):
-        GroupNorm(1, 3)(torch.randn(3))
-    with pytest.raises(ValueError, match="dimensions"):
-        BatchNorm(3)(torch.randn(2, 3, 2, 2, 2, 2))
-
-
-@pytest.mark.parametrize("cls", [LayerNorm, RMSNorm])
-def test_last_axes_layers_reject_a_mismatched_trailing_shape(cls):
-    with pytest.raises(
-        ValueError, match=r"x must end with the axes \(4,\), got shape \(2, 5\)"
-    ):
-        cls(4)(torch.randn(2, 5))
-    with pytest.raises(
-        ValueError, match=r"end with the axes \(3, 4\), got shape \(2, 4, 3\)"
-    ):
-        cls((3, 4))(torch.randn(2, 4, 3))
-    with pytest.raises(
-        ValueError, match=r"end with the axes \(2, 3, 4\), got shape \(3, 4\)"
-    ):
-        cls((2, 3, 4))(torch.randn(3, 4))  # fewer axes than normalized_shape
-    with pytest.raises(ValueError, match="end with the axes"):
-        cls(1)(torch.tensor(1.0))
-
-
-@pytest.mark.parametrize(
-    "make",
-    [BatchNorm, InstanceNorm, lambda n: GroupNorm(1, n)],
-    ids=["batch", "instance", "group"],
-)
-def test_constructors_reject_a_bad_num_features(make):
-    with pytest.raises(ValueError, match="must be positive, got 0"):
-        make(0)
-    with pytest.raises(ValueError, match="must be positive, got -2"):
-        make(-2)
-    for bad in (3.0, "3", True):
-        with pytest.raises(TypeError, match="must be an int"):
-            make(bad)
-
-
-@pytest.mark.parametrize("cls", [LayerNorm, RMSNorm])
-def test_last_axes_constructors_reject_a_bad_normalized_shape(cls):
-    with pytest.raises(
-        ValueError, match=r"normalized_shape\[0\] must be positive, got 0"
-    ):
-        cls(0)
-    with pytest.raises(ValueError, match=r"normalized_shape\[1\] must be positive"):
-        cls((3, -1))
-    with pytest.raises(TypeError, match=r"normalized_shape\[0\] must be an int"):
-        cls((2.0,))
-
-
-def test_groupnorm_rejects_channels_not_divisible_by_groups():
-    with pytest.raises(
-        ValueError, match=r"num_channels \(6\) must be divisible by num_groups \(4\)"
-    ):
-        GroupNorm(4, 6)
-    with pytest.raises(ValueError, match="num_groups must be positive"):
-        GroupNorm(0, 6)
-    with pytest.raises(ValueError, match="num_features must be positive"):
-        GroupNorm(2, 0)
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda eps: BatchNorm(3, eps=eps),
-        lambda eps: LayerNorm(3, eps=eps),
-        lambda eps: InstanceNorm(3, eps=eps),
-        lambda eps: GroupNorm(1, 3, eps=eps),
-        lambda eps: RMSNorm(3, eps=eps),
+_x = torch.randn(2, 3)
+BAD_INPUT = [
+    *[
+        _p(
+            lambda k=k: LAYERS[k]()([[[1.0, 2.0, 3.0]] * 3] * 2),
+            TypeError,
+            "x must be a torch.Tensor, got list",
+            f"{k}-x-list",
+        )
+        for k in LAYERS
     ],
-    ids=["batch", "layer", "instance", "group", "rms"],
-)
-def test_constructors_reject_a_negative_or_non_number_eps(make):
-    with pytest.raises(ValueError, match=r"eps must be in \[0, inf\), got -1e-05"):
-        make(-1e-5)
-    with pytest.raises(ValueError, match="eps must be finite"):
-        make(float("nan"))
-    with pytest.raises(TypeError, match="eps must be a number"):
-        make("1e-5")
-    make(0)  # zero is allowed, as in torch
+    *[
+        _p(
+            lambda k=k: LAYERS[k]()(torch.ones(2, 3, 3, dtype=torch.int64)),
+            TypeError,
+            "x must be a floating-point tensor",
+            f"{k}-x-int",
+        )
+        for k in LAYERS
+    ],
+    *[
+        row
+        for fn in (standardize, rms_scale)
+        for row in [
+            _p(
+                lambda fn=fn: fn(_x.tolist(), (1,)),
+                TypeError,
+                "x must be a torch.Tensor",
+                f"{fn.__name__}-x-list",
+            ),
+            _p(
+                lambda fn=fn: fn(torch.ones(2, 3, dtype=torch.int32), (1,)),
+                TypeError,
+                "x must be a floating-point tensor",
+                f"{fn.__name__}-x-int",
+            ),
+            _p(
+                lambda fn=fn: fn(_x, (1,), eps=-1e-5),
+                ValueError,
+                "eps must be in",
+                f"{fn.__name__}-eps",
+            ),
+            _p(
+                lambda fn=fn: fn(_x, ()),
+                ValueError,
+                "dims must name at least one axis",
+                f"{fn.__name__}-dims-empty",
+            ),
+            _p(
+                lambda fn=fn: fn(torch.tensor(1.0), (0,)),
+                ValueError,
+                "dims .* 0-D input",
+                f"{fn.__name__}-x-0d",
+            ),
+            *[
+                _p(
+                    lambda fn=fn, d=d: fn(_x, d),
+                    ValueError,
+                    "dims .* not distinct axes of a 2-D input",
+                    f"{fn.__name__}-dims-{d}",
+                )
+                for d in [(1, 1), (1, -1), (0, -2), (2,), (-3,), (0, 5)]
+            ],
+        ]
+    ],
+    *[
+        _p(
+            lambda k=k: LAYERS[k]()(torch.randn(2, 4, 5)),
+            ValueError,
+            r"x must have 3 channels on axis 1, got shape \(2, 4, 5\)",
+            f"{k}-x-channels",
+        )
+        for k in CHANNEL_LAYERS
+    ],
+    *[
+        _p(
+            lambda s=s: BatchNorm(3).double()(torch.randn(*s, dtype=torch.float64)),
+            ValueError,
+            "more than one value per channel",
+            f"batch-x-{s}",
+        )
+        for s in [(1, 3), (1, 3, 1), (1, 3, 1, 1)]
+    ],
+    _p(
+        lambda: BatchNorm(3)(torch.randn(3)),
+        ValueError,
+        r"x must have 2 or 3 or 4 or 5 dimensions, got shape \(3,\)",
+        "batch-x-1d",
+    ),
+    _p(
+        lambda: InstanceNorm(3)(torch.randn(2, 3)),
+        ValueError,
+        r"x must have 3 or 4 or 5 dimensions, got shape \(2, 3\)",
+        "instance-x-2d",
+    ),
+    _p(
+        lambda: GroupNorm(1, 3)(torch.randn(3)),
+        ValueError,
+        "x must have 2 or 3 or 4 or 5 dimensions",
+        "group-x-1d",
+    ),
+    _p(
+        lambda: BatchNorm(3)(torch.randn(2, 3, 2, 2, 2, 2)),
+        ValueError,
+        "x must have .* dimensions",
+        "batch-x-6d",
+    ),
+    *[
+        row
+        for cls in (LayerNorm, RMSNorm)
+        for row in [
+            _p(
+                lambda cls=cls: cls(4)(torch.randn(2, 5)),
+                ValueError,
+                r"x must end with the axes \(4,\), got shape \(2, 5\)",
+                f"{cls.__name__}-x-last",
+            ),
+            _p(
+                lambda cls=cls: cls((3, 4))(torch.randn(2, 4, 3)),
+                ValueError,
+                r"x must end with the axes \(3, 4\), got shape \(2, 4, 3\)",
+                f"{cls.__name__}-x-last-two",
+            ),
+            _p(
+                lambda cls=cls: cls((2, 3, 4))(torch.randn(3, 4)),
+                ValueError,
+                r"x must end with the axes \(2, 3, 4\), got shape \(3, 4\)",
+                f"{cls.__name__}-x-too-few-axes",
+            ),
+            _p(
+                lambda cls=cls: cls(1)(torch.tensor(1.0)),
+                ValueError,
+                "x must end with the axes",
+                f"{cls.__name__}-x-0d",
+            ),
+            _p(
+                lambda cls=cls: cls(0),
+                ValueError,
+                r"normalized_shape\[0\] must be positive, got 0",
+                f"{cls.__name__}-normalized_shape-0",
+            ),
+            _p(
+                lambda cls=cls: cls((3, -1)),
+                ValueError,
+                r"normalized_shape\[1\] must be positive",
+                f"{cls.__name__}-normalized_shape-negative",
+            ),
+            _p(
+                lambda cls=cls: cls((2.0,)),
+                TypeError,
+                r"normalized_shape\[0\] must be an int",
+                f"{cls.__name__}-normalized_shape-float",
+            ),
+        ]
+    ],
+    *[
+        row
+        for k, make in CHANNEL_LAYERS.items()
+        for row in [
+            _p(
+                lambda make=make: make(0),
+                ValueError,
+                "num_features must be positive, got 0",
+                f"{k}-num_features-0",
+            ),
+            _p(
+                lambda make=make: make(-2),
+                ValueError,
+                "num_features must be positive, got -2",
+                f"{k}-num_features-negative",
+            ),
+            *[
+                _p(
+                    lambda make=make, bad=bad: make(bad),
+                    TypeError,
+                    "num_features must be an int",
+                    f"{k}-num_features-{bad!r}",
+                )
+                for bad in (3.0, "3", True)
+            ],
+        ]
+    ],
+    _p(
+        lambda: GroupNorm(4, 6),
+        ValueError,
+        r"num_channels \(6\) must be divisible by num_groups \(4\)",
+        "group-num_groups-divisor",
+    ),
+    _p(
+        lambda: GroupNorm(0, 6),
+        ValueError,
+        "num_groups must be positive",
+        "group-num_groups-0",
+    ),
+    _p(
+        lambda: GroupNorm(2, 0),
+        ValueError,
+        "num_features must be positive",
+        "group-num_channels-0",
+    ),
+    *[
+        row
+        for k, make in EPS_LAYERS.items()
+        for row in [
+            _p(
+                lambda make=make: make(-1e-5),
+                ValueError,
+                r"eps must be in \[0, inf\), got -1e-05",
+                f"{k}-eps-negative",
+            ),
+            _p(
+                lambda make=make: make(float("nan")),
+                ValueError,
+                "eps must be finite",
+                f"{k}-eps-nan",
+            ),
+            _p(
+                lambda make=make: make("1e-5"),
+                TypeError,
+                "eps must be a number",
+                f"{k}-eps-str",
+            ),
+        ]
+    ],
+    _p(
+        lambda: BatchNorm(3, momentum=-0.1),
+        ValueError,
+        r"momentum must be in \[0, 1\]",
+        "batch-momentum-negative",
+    ),
+    _p(
+        lambda: BatchNorm(3, momentum=1.5),
+        ValueError,
+        r"momentum must be in \[0, 1\]",
+        "batch-momentum-1.5",
+    ),
+    _p(
+        lambda: BatchNorm(3, momentum=None),
+        TypeError,
+        "momentum must be a number",
+        "batch-momentum-none",
+    ),
+    _p(
+        lambda: draw_norm_axes(_axes("3d"), "weight"),
+        ValueError,
+        "kind must be one of",
+        "draw-kind",
+    ),
+    _p(lambda: draw_norm_axes(_axes(), "batch"), TypeError, "3-D axes", "draw-ax-2d"),
+    _p(
+        lambda: draw_norm_axes(_axes("3d"), "group", c=5, groups=2),
+        ValueError,
+        r"c \(5\) must be divisible by groups \(2\)",
+        "draw-groups",
+    ),
+]
 
 
-@pytest.mark.parametrize("momentum", [-0.1, 1.5])
-def test_batchnorm_rejects_a_momentum_outside_zero_one(momentum):
-    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
-        BatchNorm(3, momentum=momentum)
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    try:
+        with pytest.raises(error, match=match):
+            call()
+    finally:
+        plt.close("all")
 
 
-def test_batchnorm_rejects_a_non_number_momentum():
-    with pytest.raises(TypeError, match="momentum must be a number"):
-        BatchNorm(3, momentum=None)
+@pytest.mark.parametrize("kind", list(EPS_LAYERS))
+def test_an_eps_of_zero_is_allowed_as_in_torch(kind):
+    EPS_LAYERS[kind](0)

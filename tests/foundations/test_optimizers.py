@@ -444,15 +444,13 @@ def test_sam_general_step_matches_its_definition():
         torch.testing.assert_close(p.detach(), w0 - lr * gs, rtol=1e-12, atol=1e-14)
 
 
-def test_sam_needs_a_closure_and_passes_lr_through():
+def test_sam_passes_lr_and_zero_grad_through():
     p = torch.zeros(2, requires_grad=True)
     optimizer = SAM(SGD([p], lr=0.1))
     assert optimizer.rho == 0.05 and optimizer.lr == 0.1
     optimizer.lr = 0.2
     assert optimizer.optimizer.lr == 0.2
     p.grad = torch.ones(2)
-    with pytest.raises(ValueError, match="SAM.step needs a closure"):
-        optimizer.step()
     optimizer.zero_grad()
     assert p.grad is None
 
@@ -581,6 +579,25 @@ def test_run_on_surface_path():
     assert (losses[1:] <= losses[:-1]).all()  # small steps: downhill all the way
 
 
+def test_run_on_surface_stops_where_it_diverges():
+    # the same steps by hand, all 200 of them: the point overflows and stays inf/nan
+    point = torch.tensor((-1.5, 2.0), dtype=torch.float64, requires_grad=True)
+    optimizer, full = SGD([point], lr=0.1), [point.detach().clone()]
+    for _ in range(200):
+        optimizer.zero_grad()
+        rosenbrock(point).backward()
+        optimizer.step()
+        full.append(point.detach().clone())
+    full = torch.stack(full)
+    finite = torch.isfinite(full).all(1)
+    first_bad = int((~finite).nonzero()[0])
+    assert not finite[first_bad:].any()  # no way back from inf or nan
+    path = run_on_surface(lambda ps: SGD(ps, lr=0.1), rosenbrock, (-1.5, 2.0), 200)
+    assert path.shape == (first_bad + 1, 2)
+    torch.testing.assert_close(path[:first_bad], full[:first_bad], rtol=0, atol=0)
+    assert not torch.isfinite(path[-1]).all()
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -597,7 +614,7 @@ def test_run_on_surface_with_other_optimizers(make):
     assert rosenbrock(path[-1]) < rosenbrock(path[0])
 
 
-# --------------------------------------------------------------------- bad input
+# --------------------------------------------------------------------- bad input: one table
 
 
 def param():
@@ -605,197 +622,362 @@ def param():
 
 
 ALL = [SGD, AdaGrad, RMSprop, Adam, AdamW, RAdam, Lion]
+BETAS = [Adam, AdamW, RAdam, Lion]
+EPS = [AdaGrad, RMSprop, Adam, AdamW, RAdam]
 
 
-@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
-def test_optimizers_reject_bad_lr_weight_decay_and_params(cls):
-    with pytest.raises(ValueError, match=re.escape("lr must be in [0, inf), got -1")):
-        cls([param()], lr=-1)
-    with pytest.raises(TypeError, match="lr must be a number, got str"):
-        cls([param()], lr="0.1")
-    with pytest.raises(ValueError, match="lr must be finite, got nan"):
-        cls([param()], lr=float("nan"))
-    with pytest.raises(ValueError, match=re.escape("weight_decay must be in [0, inf)")):
-        cls([param()], lr=0.1, weight_decay=-0.1)
-    with pytest.raises(ValueError, match="params is empty"):
-        cls([], lr=0.1)
-    with pytest.raises(TypeError, match=r"params\[1\] must be a floating-point"):
-        cls([param(), torch.zeros(3, dtype=torch.long)], lr=0.1)
-    with pytest.raises(TypeError, match=r"params\[0\] must be a floating-point"):
-        cls([[1.0, 2.0]], lr=0.1)
-    with pytest.raises(ValueError, match=r"params\[0\] does not require gradients"):
-        cls([torch.zeros(3)], lr=0.1)
+def _p(call, error, match, id):
+    return pytest.param(call, error, match, id=id)
 
 
-@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
-def test_optimizers_reject_a_bare_tensor_as_params(cls):
-    """``torch.optim`` raises; iterating the tensor gives non-leaf rows that never get
-    a ``.grad``, so every step would silently do nothing."""
-    w = torch.zeros(3, requires_grad=True)
-    with pytest.raises(TypeError, match="iterable"):
-        cls(w, lr=0.1)
+def _e(text):
+    return re.escape(text)
 
 
-@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
-def test_optimizers_reject_non_leaf_params(cls):
-    """``torch.optim`` raises "can't optimize a non-leaf Tensor": ``w * 2`` never gets a
-    ``.grad``, so every step would silently do nothing."""
-    w = torch.zeros(3, requires_grad=True)
-    with pytest.raises(ValueError, match="leaf"):
-        cls([w * 2], lr=0.1)
+def _inner():
+    return SGD([param()], lr=0.1)
 
 
-@pytest.mark.parametrize("cls", [Adam, AdamW, RAdam, Lion], ids=lambda c: c.__name__)
-def test_optimizers_reject_bad_betas(cls):
-    with pytest.raises(
-        ValueError, match=re.escape("betas[0] must be in [0, 1), got 1")
-    ):
-        cls([param()], betas=(1.0, 0.999))
-    with pytest.raises(
-        ValueError, match=re.escape("betas[1] must be in [0, 1), got -0.1")
-    ):
-        cls([param()], betas=(0.9, -0.1))
-    with pytest.raises(
-        ValueError, match=re.escape("betas[1] must be in [0, 1), got 1.5")
-    ):
-        cls([param()], betas=(0.9, 1.5))
-    with pytest.raises(TypeError, match="betas must be a tuple of two numbers"):
-        cls([param()], betas=[0.9, 0.999])
-    with pytest.raises(TypeError, match="betas must be a tuple of two numbers"):
-        cls([param()], betas=(0.9, 0.99, 0.999))
-    with pytest.raises(TypeError, match=r"betas\[0\] must be a number, got str"):
-        cls([param()], betas=("0.9", 0.999))
+def _torch_sgd():
+    return torch.optim.SGD([param()], lr=0.1)
 
 
-@pytest.mark.parametrize(
-    "cls", [AdaGrad, RMSprop, Adam, AdamW, RAdam], ids=lambda c: c.__name__
-)
-def test_optimizers_reject_negative_eps(cls):
-    with pytest.raises(
-        ValueError, match=re.escape("eps must be in [0, inf), got -1e-08")
-    ):
-        cls([param()], eps=-1e-8)
-
-
-def test_sgd_and_rmsprop_reject_bad_momentum_and_alpha():
-    with pytest.raises(
-        ValueError, match=re.escape("momentum must be in [0, 1), got 1")
-    ):
-        SGD([param()], lr=0.1, momentum=1.0)
-    with pytest.raises(
-        ValueError, match=re.escape("momentum must be in [0, 1), got -0.5")
-    ):
-        SGD([param()], lr=0.1, momentum=-0.5)
-    with pytest.raises(ValueError, match="nesterov=True needs a momentum > 0"):
-        SGD([param()], lr=0.1, nesterov=True)
-    with pytest.raises(ValueError, match=re.escape("alpha must be in [0, 1), got 1")):
-        RMSprop([param()], alpha=1.0)
-
-
-def test_lookahead_and_sam_reject_bad_arguments():
-    torch_sgd = torch.optim.SGD([param()], lr=0.1)
-    with pytest.raises(TypeError, match="Lookahead wraps a dlabc optimizer, got SGD"):
-        Lookahead(torch_sgd)
-    with pytest.raises(TypeError, match="SAM wraps a dlabc optimizer, got SGD"):
-        SAM(torch_sgd)
-    inner = SGD([param()], lr=0.1)
-    with pytest.raises(TypeError, match="wraps a dlabc optimizer, got Lookahead"):
-        SAM(Lookahead(inner))
-    with pytest.raises(ValueError, match="k must be positive, got 0"):
-        Lookahead(inner, k=0)
-    with pytest.raises(TypeError, match="k must be an int, got float"):
-        Lookahead(inner, k=2.0)
-    with pytest.raises(ValueError, match=re.escape("alpha must be in [0, 1], got 1.5")):
-        Lookahead(inner, alpha=1.5)
-    with pytest.raises(
-        ValueError, match=re.escape("alpha must be in [0, 1], got -0.1")
-    ):
-        Lookahead(inner, alpha=-0.1)
-    with pytest.raises(ValueError, match=re.escape("rho must be in (0, inf), got 0")):
-        SAM(inner, rho=0)
-    with pytest.raises(
-        ValueError, match=re.escape("rho must be in (0, inf), got -0.1")
-    ):
-        SAM(inner, rho=-0.1)
-
-
-@pytest.mark.parametrize(
-    "schedule",
-    [
-        lambda t: step_decay(t, 0.1, 5),
-        lambda t: cosine(t, 0.1, 10),
-        lambda t: warmup_cosine(t, 0.1, 2, 10),
-    ],
-    ids=["step_decay", "cosine", "warmup_cosine"],
-)
-def test_schedules_reject_a_negative_step(schedule):
-    with pytest.raises(ValueError, match="step must be non-negative, got -1"):
-        schedule(-1)
-    with pytest.raises(TypeError, match="step must be an int, got bool"):
-        schedule(True)
-    with pytest.raises(TypeError, match="step must be an int, got float"):
-        schedule(1.5)
-
-
-def test_schedules_reject_bad_arguments():
-    with pytest.raises(ValueError, match="step_size must be positive, got 0"):
-        step_decay(0, 0.1, 0)
-    with pytest.raises(ValueError, match=re.escape("gamma must be in [0, 1], got 2")):
-        step_decay(0, 0.1, 5, gamma=2.0)
-    with pytest.raises(ValueError, match=re.escape("lr must be in [0, inf), got -0.1")):
-        step_decay(0, -0.1, 5)
-    with pytest.raises(ValueError, match="total_steps must be positive, got 0"):
-        cosine(0, 0.1, 0)
-    with pytest.raises(
-        ValueError, match=re.escape("min_lr must be in [0, 0.1], got 0.2")
-    ):
-        cosine(0, 0.1, 10, min_lr=0.2)
-    with pytest.raises(ValueError, match=re.escape("lr must be in [0, inf), got -0.1")):
-        cosine(0, -0.1, 10)
-    for W in (10, 11):
-        with pytest.raises(
-            ValueError,
-            match=rf"warmup_steps \({W}\) must be less than total_steps \(10\)",
-        ):
-            warmup_cosine(0, 0.1, W, 10)
-    with pytest.raises(ValueError, match="warmup_steps must be positive, got 0"):
-        warmup_cosine(0, 0.1, 0, 10)
-    with pytest.raises(ValueError, match=re.escape("lr must be in [0, inf), got -0.1")):
-        warmup_cosine(0, -0.1, 2, 10)
-    with pytest.raises(
-        ValueError, match=re.escape("min_lr must be in [0, 0.1], got 0.2")
-    ):
-        warmup_cosine(5, 0.1, 2, 10, min_lr=0.2)
-
-
-@pytest.mark.parametrize("step", [0, 1, 5])
-def test_warmup_cosine_rejects_bad_min_lr_at_every_step(step):
-    """The same arguments must fail whatever the step, warm-up included."""
-    with pytest.raises(
-        ValueError, match=re.escape("min_lr must be in [0, 0.1], got 0.2")
-    ):
-        warmup_cosine(step, 0.1, 2, 10, min_lr=0.2)
-    with pytest.raises(
-        ValueError, match=re.escape("min_lr must be in [0, 0.1], got -1")
-    ):
-        warmup_cosine(step, 0.1, 2, 10, min_lr=-1.0)
-
-
-def test_rosenbrock_and_run_on_surface_reject_bad_input():
-    with pytest.raises(ValueError, match=re.escape("shape (..., 2), got (3,)")):
-        rosenbrock(torch.zeros(3))
-    with pytest.raises(ValueError, match=re.escape("shape (..., 2), got (2, 3)")):
-        rosenbrock(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=re.escape("shape (..., 2), got ()")):
-        rosenbrock(torch.tensor(1.0))
-    with pytest.raises(ValueError, match=re.escape("shape (..., 2), got list")):
-        rosenbrock([1.0, 1.0])
-    with pytest.raises(ValueError, match="steps must be positive, got 0"):
-        run_on_surface(lambda ps: SGD(ps, lr=0.1), rosenbrock, (0.0, 0.0), 0)
-
-
-def test_sam_reports_a_closure_that_makes_no_gradients():
+def _sam_without_gradients():
     w = torch.zeros(2, requires_grad=True)
-    sam = SAM(SGD([w], lr=0.1))
-    with pytest.raises(RuntimeError, match="closure produced no gradients"):
-        sam.step(lambda: torch.tensor(0.0))
+    return SAM(SGD([w], lr=0.1)).step(lambda: torch.tensor(0.0))
+
+
+def _sam_without_closure():
+    p = torch.zeros(2, requires_grad=True)
+    optimizer = SAM(SGD([p], lr=0.1))
+    p.grad = torch.ones(2)
+    return optimizer.step()
+
+
+_PER_OPTIMIZER = [
+    (
+        lambda c: c([param()], lr=-1),
+        ValueError,
+        _e("lr must be in [0, inf), got -1"),
+        "lr-negative",
+    ),
+    (
+        lambda c: c([param()], lr="0.1"),
+        TypeError,
+        "lr must be a number, got str",
+        "lr-str",
+    ),
+    (
+        lambda c: c([param()], lr=float("nan")),
+        ValueError,
+        "lr must be finite, got nan",
+        "lr-nan",
+    ),
+    (
+        lambda c: c([param()], lr=0.1, weight_decay=-0.1),
+        ValueError,
+        _e("weight_decay must be in [0, inf)"),
+        "weight_decay-negative",
+    ),
+    (lambda c: c([], lr=0.1), ValueError, "params is empty", "params-empty"),
+    (
+        lambda c: c([param(), torch.zeros(3, dtype=torch.long)], lr=0.1),
+        TypeError,
+        r"params\[1\] must be a floating-point",
+        "params-long",
+    ),
+    (
+        lambda c: c([[1.0, 2.0]], lr=0.1),
+        TypeError,
+        r"params\[0\] must be a floating-point",
+        "params-list",
+    ),
+    (
+        lambda c: c([torch.zeros(3)], lr=0.1),
+        ValueError,
+        r"params\[0\] does not require gradients",
+        "params-no-grad",
+    ),
+    # torch.optim raises too: iterating a bare tensor gives non-leaf rows that never get a .grad
+    (
+        lambda c: c(torch.zeros(3, requires_grad=True), lr=0.1),
+        TypeError,
+        "params must be an iterable",
+        "params-bare-tensor",
+    ),
+    # torch.optim: "can't optimize a non-leaf Tensor": w * 2 never gets a .grad
+    (
+        lambda c: c([torch.zeros(3, requires_grad=True) * 2], lr=0.1),
+        ValueError,
+        r"params\[0\] is not a leaf",
+        "params-non-leaf",
+    ),
+]
+_PER_BETAS = [
+    (
+        lambda c: c([param()], betas=(1.0, 0.999)),
+        ValueError,
+        _e("betas[0] must be in [0, 1), got 1"),
+        "betas0-1",
+    ),
+    (
+        lambda c: c([param()], betas=(0.9, -0.1)),
+        ValueError,
+        _e("betas[1] must be in [0, 1), got -0.1"),
+        "betas1-negative",
+    ),
+    (
+        lambda c: c([param()], betas=(0.9, 1.5)),
+        ValueError,
+        _e("betas[1] must be in [0, 1), got 1.5"),
+        "betas1-1.5",
+    ),
+    (
+        lambda c: c([param()], betas=[0.9, 0.999]),
+        TypeError,
+        "betas must be a tuple of two numbers",
+        "betas-list",
+    ),
+    (
+        lambda c: c([param()], betas=(0.9, 0.99, 0.999)),
+        TypeError,
+        "betas must be a tuple of two numbers",
+        "betas-three",
+    ),
+    (
+        lambda c: c([param()], betas=("0.9", 0.999)),
+        TypeError,
+        r"betas\[0\] must be a number, got str",
+        "betas0-str",
+    ),
+]
+_SCHEDULES = {
+    "step_decay": lambda t: step_decay(t, 0.1, 5),
+    "cosine": lambda t: cosine(t, 0.1, 10),
+    "warmup_cosine": lambda t: warmup_cosine(t, 0.1, 2, 10),
+}
+
+BAD_INPUT = [
+    *[
+        _p(lambda c=cls, f=make: f(c), error, match, f"{cls.__name__}-{id}")
+        for cls in ALL
+        for make, error, match, id in _PER_OPTIMIZER
+    ],
+    *[
+        _p(lambda c=cls, f=make: f(c), error, match, f"{cls.__name__}-{id}")
+        for cls in BETAS
+        for make, error, match, id in _PER_BETAS
+    ],
+    *[
+        _p(
+            lambda c=cls: c([param()], eps=-1e-8),
+            ValueError,
+            _e("eps must be in [0, inf), got -1e-08"),
+            f"{cls.__name__}-eps",
+        )
+        for cls in EPS
+    ],
+    _p(
+        lambda: SGD([param()], lr=0.1, momentum=1.0),
+        ValueError,
+        _e("momentum must be in [0, 1), got 1"),
+        "SGD-momentum-1",
+    ),
+    _p(
+        lambda: SGD([param()], lr=0.1, momentum=-0.5),
+        ValueError,
+        _e("momentum must be in [0, 1), got -0.5"),
+        "SGD-momentum-negative",
+    ),
+    _p(
+        lambda: SGD([param()], lr=0.1, nesterov=True),
+        ValueError,
+        "nesterov=True needs a momentum > 0",
+        "SGD-nesterov",
+    ),
+    _p(
+        lambda: RMSprop([param()], alpha=1.0),
+        ValueError,
+        _e("alpha must be in [0, 1), got 1"),
+        "RMSprop-alpha",
+    ),
+    _p(
+        lambda: Lookahead(_torch_sgd()),
+        TypeError,
+        "Lookahead wraps a dlabc optimizer, got SGD",
+        "Lookahead-optimizer-torch",
+    ),
+    _p(
+        lambda: SAM(_torch_sgd()),
+        TypeError,
+        "SAM wraps a dlabc optimizer, got SGD",
+        "SAM-optimizer-torch",
+    ),
+    _p(
+        lambda: SAM(Lookahead(_inner())),
+        TypeError,
+        "wraps a dlabc optimizer, got Lookahead",
+        "SAM-optimizer-lookahead",
+    ),
+    _p(
+        lambda: Lookahead(_inner(), k=0),
+        ValueError,
+        "k must be positive, got 0",
+        "Lookahead-k-0",
+    ),
+    _p(
+        lambda: Lookahead(_inner(), k=2.0),
+        TypeError,
+        "k must be an int, got float",
+        "Lookahead-k-float",
+    ),
+    _p(
+        lambda: Lookahead(_inner(), alpha=1.5),
+        ValueError,
+        _e("alpha must be in [0, 1], got 1.5"),
+        "Lookahead-alpha-1.5",
+    ),
+    _p(
+        lambda: Lookahead(_inner(), alpha=-0.1),
+        ValueError,
+        _e("alpha must be in [0, 1], got -0.1"),
+        "Lookahead-alpha-negative",
+    ),
+    _p(
+        lambda: SAM(_inner(), rho=0),
+        ValueError,
+        _e("rho must be in (0, inf), got 0"),
+        "SAM-rho-0",
+    ),
+    _p(
+        lambda: SAM(_inner(), rho=-0.1),
+        ValueError,
+        _e("rho must be in (0, inf), got -0.1"),
+        "SAM-rho-negative",
+    ),
+    _p(
+        _sam_without_closure, ValueError, "SAM.step needs a closure", "SAM-closure-none"
+    ),
+    _p(
+        _sam_without_gradients,
+        RuntimeError,
+        "closure produced no gradients",
+        "SAM-closure-no-gradients",
+    ),
+    *[
+        _p(lambda f=f, t=t: f(t), error, match, f"{name}-step-{id}")
+        for name, f in _SCHEDULES.items()
+        for t, error, match, id in (
+            (-1, ValueError, "step must be non-negative, got -1", "negative"),
+            (True, TypeError, "step must be an int, got bool", "bool"),
+            (1.5, TypeError, "step must be an int, got float", "float"),
+        )
+    ],
+    _p(
+        lambda: step_decay(0, 0.1, 0),
+        ValueError,
+        "step_size must be positive, got 0",
+        "step_decay-step_size",
+    ),
+    _p(
+        lambda: step_decay(0, 0.1, 5, gamma=2.0),
+        ValueError,
+        _e("gamma must be in [0, 1], got 2"),
+        "step_decay-gamma",
+    ),
+    _p(
+        lambda: step_decay(0, -0.1, 5),
+        ValueError,
+        _e("lr must be in [0, inf), got -0.1"),
+        "step_decay-lr",
+    ),
+    _p(
+        lambda: cosine(0, 0.1, 0),
+        ValueError,
+        "total_steps must be positive, got 0",
+        "cosine-total_steps",
+    ),
+    _p(
+        lambda: cosine(0, 0.1, 10, min_lr=0.2),
+        ValueError,
+        _e("min_lr must be in [0, 0.1], got 0.2"),
+        "cosine-min_lr",
+    ),
+    _p(
+        lambda: cosine(0, -0.1, 10),
+        ValueError,
+        _e("lr must be in [0, inf), got -0.1"),
+        "cosine-lr",
+    ),
+    _p(
+        lambda: warmup_cosine(0, 0.1, 10, 10),
+        ValueError,
+        r"warmup_steps \(10\) must be less than total_steps \(10\)",
+        "warmup_cosine-warmup_steps-10",
+    ),
+    _p(
+        lambda: warmup_cosine(0, 0.1, 11, 10),
+        ValueError,
+        r"warmup_steps \(11\) must be less than total_steps \(10\)",
+        "warmup_cosine-warmup_steps-11",
+    ),
+    _p(
+        lambda: warmup_cosine(0, 0.1, 0, 10),
+        ValueError,
+        "warmup_steps must be positive, got 0",
+        "warmup_cosine-warmup_steps-0",
+    ),
+    _p(
+        lambda: warmup_cosine(0, -0.1, 2, 10),
+        ValueError,
+        _e("lr must be in [0, inf), got -0.1"),
+        "warmup_cosine-lr",
+    ),
+    # the same arguments must fail whatever the step, warm-up included
+    *[
+        _p(
+            lambda t=t, m=m: warmup_cosine(t, 0.1, 2, 10, min_lr=m),
+            ValueError,
+            _e(f"min_lr must be in [0, 0.1], got {m:g}"),
+            f"warmup_cosine-min_lr-{m}-step-{t}",
+        )
+        for t in (0, 1, 5)
+        for m in (0.2, -1.0)
+    ],
+    _p(
+        lambda: rosenbrock(torch.zeros(3)),
+        ValueError,
+        _e("xy must be a tensor of shape (..., 2), got (3,)"),
+        "xy-3",
+    ),
+    _p(
+        lambda: rosenbrock(torch.zeros(2, 3)),
+        ValueError,
+        _e("xy must be a tensor of shape (..., 2), got (2, 3)"),
+        "xy-2x3",
+    ),
+    _p(
+        lambda: rosenbrock(torch.tensor(1.0)),
+        ValueError,
+        _e("xy must be a tensor of shape (..., 2), got ()"),
+        "xy-scalar",
+    ),
+    _p(
+        lambda: rosenbrock([1.0, 1.0]),
+        ValueError,
+        _e("xy must be a tensor of shape (..., 2), got list"),
+        "xy-list",
+    ),
+    _p(
+        lambda: run_on_surface(lambda ps: SGD(ps, lr=0.1), rosenbrock, (0.0, 0.0), 0),
+        ValueError,
+        "steps must be positive, got 0",
+        "run_on_surface-steps",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

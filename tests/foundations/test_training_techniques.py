@@ -623,100 +623,236 @@ def test_early_stopping_in_fit_stops_an_overfitting_run():
     assert evaluate(net, *test)[0] == pytest.approx(losses[best], rel=1e-6)
 
 
-# --------------------------------------------------------------------- bad input
+# --------------------------------------------------------------------- bad input: one table
 
 
-def test_dropout_rejects_bad_input():
-    x = rand(3)
-    for p in (-0.1, 1.1):
-        with pytest.raises(
-            ValueError, match=re.escape(f"p must be in [0, 1], got {p}")
-        ):
-            dropout(x, p)
-        with pytest.raises(ValueError, match=re.escape("p must be in [0, 1]")):
-            Dropout(p)
-    with pytest.raises(ValueError, match="p must be finite, got nan"):
-        dropout(x, float("nan"))
-    with pytest.raises(TypeError, match="p must be a number, got str"):
-        dropout(x, "0.5")
-    with pytest.raises(TypeError, match="p must be a number, got bool"):
-        Dropout(True)
-    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype"):
-        dropout(torch.arange(3), 0.5)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
-        dropout([1.0, 2.0], 0.5)
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        Dropout(0.5)(torch.ones(3, dtype=torch.long))
-    # the checks run in evaluation too: bad input is bad in any mode
-    with pytest.raises(ValueError, match=re.escape("p must be in [0, 1]")):
-        dropout(x, 2.0, training=False)
+def _p(call, error, match, id):
+    return pytest.param(call, error, match, id=id)
 
 
-def test_l2_penalty_rejects_bad_input():
-    params = [rand(3).requires_grad_()]
-    with pytest.raises(ValueError, match="parameters is empty"):
-        l2_penalty([], 0.1)
-    with pytest.raises(ValueError, match="parameters is empty"):
-        l2_penalty(nn.ReLU().parameters(), 0.1)
-    with pytest.raises(
-        ValueError, match=re.escape("weight_decay must be in [0, inf), got -0.1")
-    ):
-        l2_penalty(params, -0.1)
-    with pytest.raises(TypeError, match="weight_decay must be a number, got str"):
-        l2_penalty(params, "0.1")
-    with pytest.raises(ValueError, match="weight_decay must be finite"):
-        l2_penalty(params, float("inf"))
+def _accumulate(X=None, y=None, micro_batches=2, net=None):
+    X = rand(10, 4) if X is None else X
+    y = torch.arange(10) % 3 if y is None else y
+    return accumulate_gradients(net or mlp(), F.cross_entropy, X, y, micro_batches)
 
 
-def test_clip_grad_norm_rejects_bad_input():
-    for max_norm in (0, 0.0, -1.0):
-        params = make_params(0)
-        with pytest.raises(
-            ValueError, match=re.escape("max_norm must be in (0, inf), got")
-        ):
-            clip_grad_norm(params, max_norm)
-        for a, b in zip(params, make_params(0), strict=True):  # nothing was clipped
-            assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
-    with pytest.raises(TypeError, match="max_norm must be a number, got NoneType"):
-        clip_grad_norm(make_params(0), None)
-    with pytest.raises(ValueError, match="max_norm must be finite, got nan"):
-        clip_grad_norm(make_params(0), float("nan"))
-
-
-def test_accumulate_gradients_rejects_bad_input():
-    net = mlp()
-    X, y = rand(10, 4), torch.arange(10) % 3
-    with pytest.raises(ValueError, match="micro_batches must be positive, got 0"):
-        accumulate_gradients(net, F.cross_entropy, X, y, 0)
-    with pytest.raises(ValueError, match="micro_batches must be positive, got -2"):
-        accumulate_gradients(net, F.cross_entropy, X, y, -2)
-    with pytest.raises(
+_e = re.escape
+BAD_INPUT = [
+    *[
+        row
+        for p in (-0.1, 1.1)
+        for row in [
+            _p(
+                lambda p=p: dropout(rand(3), p),
+                ValueError,
+                _e(f"p must be in [0, 1], got {p}"),
+                f"dropout-p-{p}",
+            ),
+            _p(
+                lambda p=p: Dropout(p),
+                ValueError,
+                _e("p must be in [0, 1]"),
+                f"Dropout-p-{p}",
+            ),
+        ]
+    ],
+    _p(
+        lambda: dropout(rand(3), float("nan")),
         ValueError,
-        match=re.escape("micro_batches (11) exceeds the batch size (10)"),
-    ):
-        accumulate_gradients(net, F.cross_entropy, X, y, 11)
-    with pytest.raises(TypeError, match="micro_batches must be an int, got float"):
-        accumulate_gradients(net, F.cross_entropy, X, y, 2.0)
-    with pytest.raises(ValueError, match="X and y differ in length: 10 and 9"):
-        accumulate_gradients(net, F.cross_entropy, X, y[:9], 2)
-    with pytest.raises(TypeError, match="X must be a torch.Tensor, got list"):
-        accumulate_gradients(net, F.cross_entropy, X.tolist(), y, 2)
-    with pytest.raises(TypeError, match="y must be a torch.Tensor, got list"):
-        accumulate_gradients(net, F.cross_entropy, X, y.tolist(), 2)
-    assert all(p.grad is None for p in net.parameters())  # failed before any backward
+        "p must be finite, got nan",
+        "dropout-p-nan",
+    ),
+    _p(
+        lambda: dropout(rand(3), "0.5"),
+        TypeError,
+        "p must be a number, got str",
+        "dropout-p-str",
+    ),
+    _p(
+        lambda: Dropout(True),
+        TypeError,
+        "p must be a number, got bool",
+        "Dropout-p-bool",
+    ),
+    _p(
+        lambda: dropout(torch.arange(3), 0.5),
+        TypeError,
+        "x must be a floating-point tensor, got dtype",
+        "dropout-x-int",
+    ),
+    _p(
+        lambda: dropout([1.0, 2.0], 0.5),
+        TypeError,
+        "x must be a torch.Tensor, got list",
+        "dropout-x-list",
+    ),
+    _p(
+        lambda: Dropout(0.5)(torch.ones(3, dtype=torch.long)),
+        TypeError,
+        "x must be a floating-point tensor",
+        "Dropout-x-long",
+    ),
+    # the checks run in evaluation too: bad input is bad in any mode
+    _p(
+        lambda: dropout(rand(3), 2.0, training=False),
+        ValueError,
+        _e("p must be in [0, 1]"),
+        "dropout-p-eval",
+    ),
+    _p(
+        lambda: l2_penalty([], 0.1),
+        ValueError,
+        "parameters is empty",
+        "l2-parameters-empty",
+    ),
+    _p(
+        lambda: l2_penalty(nn.ReLU().parameters(), 0.1),
+        ValueError,
+        "parameters is empty",
+        "l2-parameters-none",
+    ),
+    _p(
+        lambda: l2_penalty([rand(3).requires_grad_()], -0.1),
+        ValueError,
+        _e("weight_decay must be in [0, inf), got -0.1"),
+        "l2-weight_decay-negative",
+    ),
+    _p(
+        lambda: l2_penalty([rand(3).requires_grad_()], "0.1"),
+        TypeError,
+        "weight_decay must be a number, got str",
+        "l2-weight_decay-str",
+    ),
+    _p(
+        lambda: l2_penalty([rand(3).requires_grad_()], float("inf")),
+        ValueError,
+        "weight_decay must be finite",
+        "l2-weight_decay-inf",
+    ),
+    *[
+        _p(
+            lambda m=m: clip_grad_norm(make_params(0), m),
+            ValueError,
+            _e("max_norm must be in (0, inf), got"),
+            f"clip-max_norm-{m!r}",
+        )
+        for m in (0, 0.0, -1.0)
+    ],
+    _p(
+        lambda: clip_grad_norm(make_params(0), None),
+        TypeError,
+        "max_norm must be a number, got NoneType",
+        "clip-max_norm-none",
+    ),
+    _p(
+        lambda: clip_grad_norm(make_params(0), float("nan")),
+        ValueError,
+        "max_norm must be finite, got nan",
+        "clip-max_norm-nan",
+    ),
+    _p(
+        lambda: _accumulate(micro_batches=0),
+        ValueError,
+        "micro_batches must be positive, got 0",
+        "accumulate-micro_batches-0",
+    ),
+    _p(
+        lambda: _accumulate(micro_batches=-2),
+        ValueError,
+        "micro_batches must be positive, got -2",
+        "accumulate-micro_batches-negative",
+    ),
+    _p(
+        lambda: _accumulate(micro_batches=11),
+        ValueError,
+        _e("micro_batches (11) exceeds the batch size (10)"),
+        "accumulate-micro_batches-11",
+    ),
+    _p(
+        lambda: _accumulate(micro_batches=2.0),
+        TypeError,
+        "micro_batches must be an int, got float",
+        "accumulate-micro_batches-float",
+    ),
+    _p(
+        lambda: _accumulate(y=torch.arange(9) % 3),
+        ValueError,
+        "X and y differ in length: 10 and 9",
+        "accumulate-y-length",
+    ),
+    _p(
+        lambda: _accumulate(X=rand(10, 4).tolist()),
+        TypeError,
+        "X must be a torch.Tensor, got list",
+        "accumulate-X-list",
+    ),
+    _p(
+        lambda: _accumulate(y=(torch.arange(10) % 3).tolist()),
+        TypeError,
+        "y must be a torch.Tensor, got list",
+        "accumulate-y-list",
+    ),
+    _p(
+        lambda: EarlyStopping(nn.Linear(2, 2), 0),
+        ValueError,
+        "patience must be positive, got 0",
+        "early-patience-0",
+    ),
+    _p(
+        lambda: EarlyStopping(nn.Linear(2, 2), 2.0),
+        TypeError,
+        "patience must be an int, got float",
+        "early-patience-float",
+    ),
+    _p(
+        lambda: EarlyStopping(nn.Linear(2, 2), 2, min_delta=-0.1),
+        ValueError,
+        _e("min_delta must be in [0, inf), got -0.1"),
+        "early-min_delta",
+    ),
+    _p(
+        lambda: EarlyStopping("net", 2),
+        TypeError,
+        "model must be an nn.Module, got str",
+        "early-model-str",
+    ),
+    _p(
+        lambda: EarlyStopping(nn.Linear(2, 2).state_dict(), 2),
+        TypeError,
+        "model must be an nn.Module, got OrderedDict",
+        "early-model-state_dict",
+    ),
+    _p(
+        lambda: EarlyStopping(nn.Linear(2, 2), 3)(0, History(train_loss=[1.0])),
+        ValueError,
+        "EarlyStopping needs a test set",
+        "early-history-no-test",
+    ),
+    _p(
+        lambda: EarlyStopping(nn.Linear(2, 2), 3).restore(),
+        RuntimeError,
+        "no epoch has been recorded yet",
+        "early-restore-first",
+    ),
+]
 
 
-def test_early_stopping_rejects_bad_input():
-    net = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="patience must be positive, got 0"):
-        EarlyStopping(net, 0)
-    with pytest.raises(TypeError, match="patience must be an int, got float"):
-        EarlyStopping(net, 2.0)
-    with pytest.raises(
-        ValueError, match=re.escape("min_delta must be in [0, inf), got -0.1")
-    ):
-        EarlyStopping(net, 2, min_delta=-0.1)
-    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
-        EarlyStopping("net", 2)
-    with pytest.raises(TypeError, match="model must be an nn.Module, got OrderedDict"):
-        EarlyStopping(net.state_dict(), 2)
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_clip_grad_norm_changes_nothing_when_it_rejects_max_norm():
+    params = make_params(0)
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_grad_norm(params, 0.0)
+    for a, b in zip(params, make_params(0), strict=True):  # nothing was clipped
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+
+
+def test_accumulate_gradients_fails_before_any_backward():
+    net = mlp()
+    with pytest.raises(ValueError, match="micro_batches"):
+        _accumulate(micro_batches=11, net=net)
+    assert all(p.grad is None for p in net.parameters())

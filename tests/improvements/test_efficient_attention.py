@@ -425,71 +425,291 @@ def test_lsh_attention_with_one_bucket_and_one_chunk_is_full_attention():
     assert (buckets == 0).all()
 
 
+def test_lsh_attention_handles_an_all_zero_query():
+    # a zero vector has no direction: its shared key is zero (not 0/0), so it scores 0
+    # against every key, and every query scores 0 against it
+    qk, _, v = qkv((2,), 32, 8, 4, seed=7)
+    qk[0, 5] = 0.0
+    qk[1, :3] = 0.0
+    rotations = torch.randn(8, 2, generator=gen(11), dtype=F64)
+    out, buckets = lsh_attention(qk, v, rotations, 8)
+    assert torch.isfinite(out).all()
+    norms = qk.norm(dim=-1, keepdim=True)
+    keys = torch.where(norms > 0, qk / norms.clamp_min(1e-300), torch.zeros_like(qk))
+    s = qk @ keys.transpose(-2, -1) / math.sqrt(8)
+    s = torch.where(torch.eye(32, dtype=torch.bool), torch.full_like(s, SELF_SCORE), s)
+    s = s.masked_fill(~lsh_mask(buckets, 8), float("-inf"))
+    torch.testing.assert_close(out, s.softmax(-1) @ v, rtol=1e-12, atol=1e-12)
+    # one bucket, one chunk: the zero query averages every other value uniformly
+    out, _ = lsh_attention(qk, v, torch.zeros(8, 1, dtype=F64), 32)
+    others = torch.ones(32, dtype=torch.bool)
+    others[5] = False
+    torch.testing.assert_close(out[0, 5], v[0, others].mean(0), rtol=1e-12, atol=1e-12)
+
+
 # --- bad input ---------------------------------------------------------------------
 
+Q, K, V = qkv((1,), 16, 4, 4)
+ATTN = LongformerSelfAttention(8, 2, 4)
+BAD_INPUT = [
+    pytest.param(
+        lambda: window_mask(8, -1),
+        ValueError,
+        "one_sided must be >= 0",
+        id="one_sided-neg",
+    ),
+    pytest.param(
+        lambda: window_mask(8, 2, 0),
+        ValueError,
+        "dilation must be positive",
+        id="dilation-0",
+    ),
+    pytest.param(
+        lambda: window_mask(8.0, 2),
+        TypeError,
+        "seq_len must be an int",
+        id="seq_len-float",
+    ),
+    pytest.param(
+        lambda: window_mask(8, 2, device=3),
+        TypeError,
+        "device must be a str or torch.device",
+        id="device-int",
+    ),
+    pytest.param(
+        lambda: global_mask(8, torch.tensor([8])),
+        ValueError,
+        r"global_index must lie in \[0, 8\)",
+        id="global_index-range",
+    ),
+    pytest.param(
+        lambda: global_mask(8, torch.tensor([1.0])),
+        TypeError,
+        "global_index must hold integer positions",
+        id="global_index-float",
+    ),
+    pytest.param(
+        lambda: bigbird_layout(8, n_window=2),
+        ValueError,
+        "n_window must be odd",
+        id="n_window-even",
+    ),
+    pytest.param(
+        lambda: bigbird_layout(8, n_random=-1),
+        ValueError,
+        "n_random must be >= 0",
+        id="n_random-neg",
+    ),
+    pytest.param(
+        lambda: bigbird_layout(0),
+        ValueError,
+        "n_blocks must be positive",
+        id="n_blocks-0",
+    ),
+    pytest.param(
+        lambda: bigbird_layout(8, generator=0),
+        TypeError,
+        "generator must be a torch.Generator",
+        id="bigbird-generator",
+    ),
+    pytest.param(
+        lambda: expand_layout(torch.ones(2, 2), 2),
+        TypeError,
+        "layout must have dtype torch.bool",
+        id="expand-layout-float",
+    ),
+    pytest.param(
+        lambda: block_sparse_attention(Q, K, V, band(3), 5),
+        ValueError,
+        "multiple of block_size=5",
+        id="block_size-divides",
+    ),
+    pytest.param(
+        lambda: block_sparse_attention(Q, K, V, band(3), 4),
+        ValueError,
+        r"layout must have shape \(4, 4\)",
+        id="layout-shape",
+    ),
+    pytest.param(
+        lambda: block_sparse_attention(Q, K[..., :8, :], V, band(4), 4),
+        ValueError,
+        "q and k must have one shape",
+        id="k-length",
+    ),
+    pytest.param(
+        lambda: block_sparse_attention(Q, K, V, band(4), 4, allowed=3),
+        TypeError,
+        "allowed must be callable",
+        id="allowed-int",
+    ),
+    pytest.param(
+        lambda: block_sparse_attention(
+            Q, K, V, band(4), 4, key_mask=torch.ones(8, dtype=torch.bool)
+        ),
+        ValueError,
+        "key_mask must be",
+        id="key_mask-length",
+    ),
+    pytest.param(
+        lambda: block_sparse_attention(Q, K, V, band(4), 4, key_mask=torch.ones(16)),
+        TypeError,
+        "key_mask must have dtype torch.bool",
+        id="key_mask-float",
+    ),
+    pytest.param(
+        lambda: block_sparse_attention(Q.long(), K, V, band(4), 4),
+        TypeError,
+        "q must be a floating-point tensor",
+        id="q-long",
+    ),
+    pytest.param(
+        lambda: block_sparse_attention(Q, K, V, band(4), 0),
+        ValueError,
+        "block_size must be positive",
+        id="block_size-0",
+    ),
+    pytest.param(
+        lambda: combine_attention(V, V[..., 0], V[..., :2], V[..., 0]),
+        ValueError,
+        "the two halves must have the same shapes",
+        id="halves-shapes",
+    ),
+    pytest.param(
+        lambda: combine_attention(V, V, V, V),
+        ValueError,
+        "lse must be out without its last axis",
+        id="lse-shape",
+    ),
+    pytest.param(
+        lambda: combine_attention(V, V[..., 0], V, V[..., 0].long()),
+        TypeError,
+        "lse_b must be a floating-point",
+        id="lse_b-long",
+    ),
+    pytest.param(
+        lambda: LongformerSelfAttention(8, 2, 3),
+        ValueError,
+        "attention_window is the whole window",
+        id="window-odd",
+    ),
+    pytest.param(
+        lambda: LongformerSelfAttention(9, 2, 4),
+        ValueError,
+        "not divisible by n_heads",
+        id="heads-divide",
+    ),
+    pytest.param(
+        lambda: ATTN(torch.randn(4, 8)),
+        ValueError,
+        "hidden_states must have 3 dimensions",
+        id="hidden_states-2d",
+    ),
+    pytest.param(
+        lambda: ATTN(torch.randn(1, 5, 8), torch.ones(1, 4, dtype=torch.bool)),
+        ValueError,
+        r"attention_mask must have shape \(1, 5\)",
+        id="attention_mask-shape",
+    ),
+    pytest.param(
+        lambda: ATTN(torch.randn(1, 5, 8), None, torch.ones(1, 5)),
+        TypeError,
+        "global_attention_mask must have dtype",
+        id="global_mask-float",
+    ),
+    pytest.param(
+        lambda: gaussian_orthogonal_random_matrix(4, 4, orthogonal=1),
+        TypeError,
+        "orthogonal must be a bool",
+        id="orthogonal-int",
+    ),
+    pytest.param(
+        lambda: gaussian_orthogonal_random_matrix(0, 4),
+        ValueError,
+        "n_features must be positive",
+        id="n_features-0",
+    ),
+    pytest.param(
+        lambda: gaussian_orthogonal_random_matrix(4, 4, dtype=torch.int64),
+        TypeError,
+        "dtype must be a floating-point dtype",
+        id="dtype-int",
+    ),
+    pytest.param(
+        lambda: gaussian_orthogonal_random_matrix(4, 4, generator=1),
+        TypeError,
+        "generator must be a torch.Generator",
+        id="omega-generator",
+    ),
+    pytest.param(
+        lambda: positive_random_features(Q, torch.randn(8, 5)),
+        ValueError,
+        "x .* and omega .* must share d",
+        id="omega-d",
+    ),
+    pytest.param(
+        lambda: positive_random_features(Q, torch.randn(8, 4), "rows"),
+        ValueError,
+        "stabilize must be None, 'row' or 'all'",
+        id="stabilize-str",
+    ),
+    pytest.param(
+        lambda: performer_attention(Q, K[..., :3], V, torch.randn(8, 4)),
+        ValueError,
+        "q and k must have one shape",
+        id="performer-k",
+    ),
+    pytest.param(
+        lambda: lsh_buckets(Q, torch.randn(5, 2)),
+        ValueError,
+        "x .* and rotations .* must share d",
+        id="rotations-d",
+    ),
+    pytest.param(
+        lambda: lsh_attention(Q, V, torch.randn(4, 2), 5),
+        ValueError,
+        "multiple of chunk_size=5",
+        id="chunk_size-divides",
+    ),
+    pytest.param(
+        lambda: lsh_attention(Q, V, torch.randn(4, 2), 0),
+        ValueError,
+        "chunk_size must be positive",
+        id="chunk_size-0",
+    ),
+    pytest.param(
+        lambda: lsh_attention(Q, V[..., :8, :], torch.randn(4, 2), 4),
+        ValueError,
+        "qk .* and v .* must share",
+        id="v-length",
+    ),
+    pytest.param(
+        lambda: lsh_attention(Q, V, torch.randn(5, 2), 4),
+        ValueError,
+        "x .* and rotations .* must share d",
+        id="lsh-rotations-d",
+    ),
+    pytest.param(
+        lambda: lsh_attention(Q, V, torch.randn(4), 4),
+        ValueError,
+        "rotations must have 2 dimensions",
+        id="rotations-1d",
+    ),
+    pytest.param(
+        lambda: lsh_mask(torch.zeros(8), 4),
+        TypeError,
+        "buckets must have dtype torch.int64",
+        id="buckets-float",
+    ),
+    pytest.param(
+        lambda: lsh_mask(torch.zeros(8, dtype=torch.int64), 3),
+        ValueError,
+        "multiple of chunk_size=3",
+        id="mask-chunk_size",
+    ),
+]
 
-def test_bad_input():
-    q, k, v = qkv((1,), 16, 4, 4)
-    with pytest.raises(ValueError, match="one_sided must be >= 0"):
-        window_mask(8, -1)
-    with pytest.raises(ValueError, match="dilation must be positive"):
-        window_mask(8, 2, 0)
-    with pytest.raises(TypeError, match="seq_len must be an int"):
-        window_mask(8.0, 2)
-    with pytest.raises(ValueError, match=r"global_index must lie in \[0, 8\)"):
-        global_mask(8, torch.tensor([8]))
-    with pytest.raises(TypeError, match="integer positions"):
-        global_mask(8, torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="n_window must be odd"):
-        bigbird_layout(8, n_window=2)
-    with pytest.raises(ValueError, match="n_random must be >= 0"):
-        bigbird_layout(8, n_random=-1)
-    with pytest.raises(TypeError, match="layout must have dtype torch.bool"):
-        expand_layout(torch.ones(2, 2), 2)
-    with pytest.raises(ValueError, match="multiple of block_size=5"):
-        block_sparse_attention(q, k, v, band(3), 5)
-    with pytest.raises(ValueError, match=r"layout must have shape \(4, 4\)"):
-        block_sparse_attention(q, k, v, band(3), 4)
-    with pytest.raises(ValueError, match="q and k must have one shape"):
-        block_sparse_attention(q, k[..., :8, :], v, band(4), 4)
-    with pytest.raises(TypeError, match="allowed must be callable"):
-        block_sparse_attention(q, k, v, band(4), 4, allowed=3)
-    with pytest.raises(ValueError, match="key_mask must be"):
-        block_sparse_attention(
-            q, k, v, band(4), 4, key_mask=torch.ones(8, dtype=torch.bool)
-        )
-    with pytest.raises(TypeError, match="q must be a floating-point tensor"):
-        block_sparse_attention(q.long(), k, v, band(4), 4)
-    with pytest.raises(ValueError, match="the two halves must have the same shapes"):
-        combine_attention(v, v[..., 0], v[..., :2], v[..., 0])
-    with pytest.raises(ValueError, match="lse must be out without its last axis"):
-        combine_attention(v, v, v, v)
-    with pytest.raises(ValueError, match="attention_window is the whole window"):
-        LongformerSelfAttention(8, 2, 3)
-    with pytest.raises(ValueError, match="not divisible by n_heads"):
-        LongformerSelfAttention(9, 2, 4)
-    attn = LongformerSelfAttention(8, 2, 4)
-    with pytest.raises(ValueError, match="hidden_states must have 3 dimensions"):
-        attn(torch.randn(4, 8))
-    with pytest.raises(ValueError, match=r"attention_mask must have shape \(1, 5\)"):
-        attn(torch.randn(1, 5, 8), torch.ones(1, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="global_attention_mask must have dtype"):
-        attn(torch.randn(1, 5, 8), None, torch.ones(1, 5))
-    with pytest.raises(TypeError, match="orthogonal must be a bool"):
-        gaussian_orthogonal_random_matrix(4, 4, orthogonal=1)
-    with pytest.raises(ValueError, match="n_features must be positive"):
-        gaussian_orthogonal_random_matrix(0, 4)
-    with pytest.raises(ValueError, match="must share d"):
-        positive_random_features(q, torch.randn(8, 5))
-    with pytest.raises(ValueError, match="stabilize must be None, 'row' or 'all'"):
-        positive_random_features(q, torch.randn(8, 4), "rows")
-    with pytest.raises(ValueError, match="q and k must have one shape"):
-        performer_attention(q, k[..., :3], v, torch.randn(8, 4))
-    with pytest.raises(ValueError, match="must share d"):
-        lsh_buckets(q, torch.randn(5, 2))
-    with pytest.raises(ValueError, match="multiple of chunk_size=5"):
-        lsh_attention(q, v, torch.randn(4, 2), 5)
-    with pytest.raises(ValueError, match="qk .* and v .* must share"):
-        lsh_attention(q, v[..., :8, :], torch.randn(4, 2), 4)
-    with pytest.raises(TypeError, match="buckets must have dtype torch.int64"):
-        lsh_mask(torch.zeros(8), 4)
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

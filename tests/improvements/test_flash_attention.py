@@ -147,46 +147,158 @@ def test_memory_and_seconds_sees_the_allocation_and_the_wait():
     assert 0.05 <= seconds < 5
 
 
-def test_bad_input():
-    q = torch.randn(2, 5, 4)
-    with pytest.raises(ValueError, match="block_q must be positive"):
-        flash_attention(q, q, q, 0, 4)
-    with pytest.raises(ValueError, match="block_k must be positive"):
-        flash_attention_forward(q, q, q, 4, -1)
-    with pytest.raises(TypeError, match="block_q must be an int"):
-        flash_attention(q, q, q, 2.0, 4)
-    with pytest.raises(TypeError, match="causal must be a bool"):
-        flash_attention(q, q, q, 2, 4, causal=1)
-    with pytest.raises(TypeError, match="q must be a floating-point"):
-        flash_attention(q.long(), q, q)
-    with pytest.raises(TypeError, match="share one dtype"):
-        flash_attention(q, q.double(), q)
-    with pytest.raises(ValueError, match="same feature size"):
-        flash_attention(q, torch.randn(2, 5, 3), q)
-    with pytest.raises(ValueError, match="same length T_k"):
-        flash_attention(q, q, torch.randn(2, 6, 4))
-    with pytest.raises(ValueError, match="leading"):
-        flash_attention(q, torch.randn(3, 5, 4), torch.randn(3, 5, 4))
-    with pytest.raises(ValueError, match="at least 2 dimensions"):
-        flash_attention(torch.randn(4), q, q)
-    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
-        flash_attention(q, [1.0], q)
-    out, lse = flash_attention_forward(q, q, q)
-    with pytest.raises(ValueError, match="lse must have shape"):
-        flash_attention_backward(q, q, q, out, lse[..., :-1], out)
-    with pytest.raises(ValueError, match="grad_out must have shape"):
-        flash_attention_backward(q, q, q, out, lse, out[:1])
-    with pytest.raises(ValueError, match="chunk_size must be positive"):
-        online_softmax(q, 0)
-    with pytest.raises(TypeError, match="x must be a floating-point"):
-        online_softmax(torch.ones(3, dtype=torch.long), 2)
-    with pytest.raises(ValueError, match="t_q must be positive"):
-        count_blocks(0, 4, 2, 2, False)
-    with pytest.raises(TypeError, match="fn must be callable"):
-        peak_memory(3)
-    with pytest.raises(ValueError, match="CPU or CUDA"):
-        peak_memory(lambda: None, "meta")
-    with pytest.raises(TypeError, match="fn must be callable"):
-        memory_and_seconds(None)
-    with pytest.raises(ValueError, match="CPU or CUDA"):
-        memory_and_seconds(lambda: None, "meta")
+Q = torch.randn(2, 5, 4)
+OUT, LSE = flash_attention_forward(Q, Q, Q)
+BAD_INPUT = [
+    pytest.param(
+        lambda: flash_attention(Q, Q, Q, 0, 4),
+        ValueError,
+        "block_q must be positive",
+        id="block_q-0",
+    ),
+    pytest.param(
+        lambda: flash_attention_forward(Q, Q, Q, 4, -1),
+        ValueError,
+        "block_k must be positive",
+        id="block_k-neg",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q, Q, Q, 2.0, 4),
+        TypeError,
+        "block_q must be an int",
+        id="block_q-float",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q, Q, Q, 2, 4, causal=1),
+        TypeError,
+        "causal must be a bool",
+        id="causal-int",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q.long(), Q, Q),
+        TypeError,
+        "q must be a floating-point",
+        id="q-long",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q, Q.double(), Q),
+        TypeError,
+        "q, k and v must share one dtype",
+        id="qkv-dtypes",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q, torch.randn(2, 5, 3), Q),
+        ValueError,
+        "q and k must have the same feature size",
+        id="k-features",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q, Q, torch.randn(2, 6, 4)),
+        ValueError,
+        "k and v must have the same length T_k",
+        id="v-length",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q, torch.randn(3, 5, 4), torch.randn(3, 5, 4)),
+        ValueError,
+        "q, k and v must have the same leading",
+        id="kv-batch",
+    ),
+    pytest.param(
+        lambda: flash_attention(torch.randn(4), Q, Q),
+        ValueError,
+        "q must have at least 2 dimensions",
+        id="q-1d",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q, [1.0], Q),
+        TypeError,
+        "k must be a torch.Tensor",
+        id="k-list",
+    ),
+    pytest.param(
+        lambda: flash_attention(Q[:, :0], Q, Q),
+        ValueError,
+        "q and k must hold at least one position",
+        id="q-empty",
+    ),
+    pytest.param(
+        lambda: flash_attention_backward(Q, Q, Q, OUT, LSE[..., :-1], OUT),
+        ValueError,
+        "lse must have shape",
+        id="lse-shape",
+    ),
+    pytest.param(
+        lambda: flash_attention_backward(Q, Q, Q, OUT, LSE, OUT[:1]),
+        ValueError,
+        "grad_out must have shape",
+        id="grad_out-shape",
+    ),
+    pytest.param(
+        lambda: flash_attention_backward(Q, Q, Q, OUT.long(), LSE, OUT),
+        TypeError,
+        "out must be a floating-point",
+        id="out-long",
+    ),
+    pytest.param(
+        lambda: flash_attention_backward(Q, Q, Q, OUT, LSE, OUT, causal=None),
+        TypeError,
+        "causal must be a bool",
+        id="backward-causal",
+    ),
+    pytest.param(
+        lambda: online_softmax(Q, 0),
+        ValueError,
+        "chunk_size must be positive",
+        id="chunk_size-0",
+    ),
+    pytest.param(
+        lambda: online_softmax(torch.ones(3, dtype=torch.long), 2),
+        TypeError,
+        "x must be a floating-point",
+        id="x-long",
+    ),
+    pytest.param(
+        lambda: online_softmax(torch.ones(3, 0), 2),
+        ValueError,
+        "x must have a non-empty last axis",
+        id="x-empty",
+    ),
+    pytest.param(
+        lambda: count_blocks(0, 4, 2, 2, False),
+        ValueError,
+        "t_q must be positive",
+        id="t_q-0",
+    ),
+    pytest.param(
+        lambda: count_blocks(4, 4, 2, 2, "yes"),
+        TypeError,
+        "causal must be a bool",
+        id="count-causal",
+    ),
+    pytest.param(lambda: peak_memory(3), TypeError, "fn must be callable", id="fn-int"),
+    pytest.param(
+        lambda: peak_memory(lambda: None, "meta"),
+        ValueError,
+        "device must be a CPU or CUDA",
+        id="device-meta",
+    ),
+    pytest.param(
+        lambda: memory_and_seconds(None),
+        TypeError,
+        "fn must be callable",
+        id="timed-fn-none",
+    ),
+    pytest.param(
+        lambda: memory_and_seconds(lambda: None, "meta"),
+        ValueError,
+        "device must be a CPU or CUDA",
+        id="timed-device-meta",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

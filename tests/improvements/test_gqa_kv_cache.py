@@ -80,15 +80,6 @@ def test_repeat_kv_matches_repeat_interleave_and_hf(g, r):
     assert torch.equal(out, hf_repeat_kv(x, r))
 
 
-def test_repeat_kv_bad_input():
-    with pytest.raises(ValueError, match="4 dimensions"):
-        repeat_kv(torch.randn(2, 3, 4), 2)
-    with pytest.raises(ValueError, match="n_rep must be positive"):
-        repeat_kv(torch.randn(1, 2, 3, 4), 0)
-    with pytest.raises(TypeError, match="n_rep must be an int"):
-        repeat_kv(torch.randn(1, 2, 3, 4), 2.0)
-
-
 # -- the mask ----------------------------------------------------------------------
 
 
@@ -146,17 +137,6 @@ def test_sliding_window_mask_matches_hf_mistral_mask(T, w):
     assert torch.equal(sliding_window_mask(T, w), hf[0, 0] == 0)
 
 
-def test_sliding_window_mask_bad_input():
-    with pytest.raises(ValueError, match="window must be positive"):
-        sliding_window_mask(4, 0)
-    with pytest.raises(TypeError, match="window must be an int"):
-        sliding_window_mask(4, 2.5)
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        sliding_window_mask(0, 2)
-    with pytest.raises(TypeError, match="causal must be a bool"):
-        sliding_window_mask(4, 2, causal="yes")
-
-
 # -- kv_cache_bytes ----------------------------------------------------------------
 
 
@@ -178,15 +158,6 @@ def test_kv_cache_bytes_closed_form():
     # Llama 2 7B: 32 layers, 32 heads of 128, float16: 512 KiB per token
     assert kv_cache_bytes(32, 32, 128) == 512 * 1024
     assert kv_cache_bytes(32, 8, 128, 4096, 2, 1) == 2 * 32 * 8 * 128 * 4096 * 2
-
-
-def test_kv_cache_bytes_bad_input():
-    with pytest.raises(ValueError, match="n_kv_heads must be positive"):
-        kv_cache_bytes(2, 0, 8)
-    with pytest.raises(TypeError, match="bytes_per_value must be an int"):
-        kv_cache_bytes(2, 1, 8, bytes_per_value=0.5)
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        kv_cache_bytes(2, 1, 8, seq_len=-1)
 
 
 # -- GroupedQueryAttention against Hugging Face ------------------------------------
@@ -331,7 +302,8 @@ def test_gqa_with_repeated_kv_weights_is_mha():
 def test_gqa_cache_equals_recomputation(window, chunks):
     attn = GroupedQueryAttention(16, 4, 2, window=window).to(D)
     x = torch.randn(2, sum(chunks), 16, dtype=D)
-    cache, outs, lo = LayerKVCache(), [], 0
+    keep = None if window is None else window - 1  # Mistral's rolling buffer
+    cache, outs, lo = LayerKVCache(keep), [], 0
     for n in chunks:
         outs.append(attn(x[:, lo : lo + n], cache=cache))
         lo += n
@@ -404,76 +376,231 @@ def test_reachable_closed_form_and_autograd(T, w, L):
     assert torch.equal(depends, r[-1, -1])
 
 
-def test_reachable_bad_input():
-    with pytest.raises(TypeError, match="dtype torch.bool"):
-        reachable(torch.ones(3, 3), 2)
-    with pytest.raises(ValueError, match="square"):
-        reachable(torch.ones(3, 4, dtype=torch.bool), 2)
-    with pytest.raises(ValueError, match="n_layers must be positive"):
-        reachable(torch.ones(3, 3, dtype=torch.bool), 0)
-
-
 # -- bad input ---------------------------------------------------------------------
 
+attn = GroupedQueryAttention(16, 4, 2)
+full_cache = LayerKVCache()  # holds 3 positions of a batch of 2
+attn(torch.randn(2, 3, 16), cache=full_cache)
+other = GroupedQueryAttention(16, 4, 1)
+cache = LayerKVCache()
+model = GQALM(11, d_model=16, n_heads=2, n_kv_heads=1)
 
-def test_gqa_bad_construction():
-    with pytest.raises(ValueError, match="n_heads=4 is not divisible by n_kv_heads=3"):
-        GroupedQueryAttention(32, 4, 3)
-    with pytest.raises(ValueError, match="n_kv_heads must be positive"):
-        GroupedQueryAttention(32, 4, 0)
-    with pytest.raises(ValueError, match="not divisible by n_heads"):
-        GroupedQueryAttention(30, 4, 2)
-    with pytest.raises(ValueError, match="must be even for RoPE"):
-        GroupedQueryAttention(12, 4, 2)
-    with pytest.raises(ValueError, match="window must be positive"):
-        GroupedQueryAttention(16, 2, 1, window=0)
-    with pytest.raises(TypeError, match="window must be an int"):
-        GroupedQueryAttention(16, 2, 1, window=2.0)
-    with pytest.raises(ValueError, match="base"):
-        GroupedQueryAttention(16, 2, 1, base=1.0)
+BAD_INPUT = [
+    pytest.param(
+        lambda: repeat_kv(torch.randn(2, 3, 4), 2),
+        ValueError,
+        "4 dimensions",
+        id="dimensions",
+    ),
+    pytest.param(
+        lambda: repeat_kv(torch.randn(1, 2, 3, 4), 0),
+        ValueError,
+        "n_rep must be positive",
+        id="n_rep",
+    ),
+    pytest.param(
+        lambda: repeat_kv(torch.randn(1, 2, 3, 4), 2.0),
+        TypeError,
+        "n_rep must be an int",
+        id="n_rep-2",
+    ),
+    pytest.param(
+        lambda: sliding_window_mask(4, 0),
+        ValueError,
+        "window must be positive",
+        id="window",
+    ),
+    pytest.param(
+        lambda: sliding_window_mask(4, 2.5),
+        TypeError,
+        "window must be an int",
+        id="window-2",
+    ),
+    pytest.param(
+        lambda: sliding_window_mask(0, 2),
+        ValueError,
+        "seq_len must be positive",
+        id="seq_len",
+    ),
+    pytest.param(
+        lambda: sliding_window_mask(4, 2, causal="yes"),
+        TypeError,
+        "causal must be a bool",
+        id="causal",
+    ),
+    pytest.param(
+        lambda: kv_cache_bytes(2, 0, 8),
+        ValueError,
+        "n_kv_heads must be positive",
+        id="n_kv_heads",
+    ),
+    pytest.param(
+        lambda: kv_cache_bytes(2, 1, 8, bytes_per_value=0.5),
+        TypeError,
+        "bytes_per_value must be an int",
+        id="bytes_per_value",
+    ),
+    pytest.param(
+        lambda: kv_cache_bytes(2, 1, 8, seq_len=-1),
+        ValueError,
+        "seq_len must be positive",
+        id="seq_len-2",
+    ),
+    pytest.param(
+        lambda: reachable(torch.ones(3, 3), 2),
+        TypeError,
+        "dtype torch.bool",
+        id="dtype",
+    ),
+    pytest.param(
+        lambda: reachable(torch.ones(3, 4, dtype=torch.bool), 2),
+        ValueError,
+        "square",
+        id="square",
+    ),
+    pytest.param(
+        lambda: reachable(torch.ones(3, 3, dtype=torch.bool), 0),
+        ValueError,
+        "n_layers must be positive",
+        id="n_layers",
+    ),
+    pytest.param(
+        lambda: GroupedQueryAttention(32, 4, 3),
+        ValueError,
+        "n_heads=4 is not divisible by n_kv_heads=3",
+        id="n_heads",
+    ),
+    pytest.param(
+        lambda: GroupedQueryAttention(32, 4, 0),
+        ValueError,
+        "n_kv_heads must be positive",
+        id="n_kv_heads-2",
+    ),
+    pytest.param(
+        lambda: GroupedQueryAttention(30, 4, 2),
+        ValueError,
+        "not divisible by n_heads",
+        id="not",
+    ),
+    pytest.param(
+        lambda: GroupedQueryAttention(12, 4, 2),
+        ValueError,
+        "must be even for RoPE",
+        id="must",
+    ),
+    pytest.param(
+        lambda: GroupedQueryAttention(16, 2, 1, window=0),
+        ValueError,
+        "window must be positive",
+        id="window-3",
+    ),
+    pytest.param(
+        lambda: GroupedQueryAttention(16, 2, 1, window=2.0),
+        TypeError,
+        "window must be an int",
+        id="window-4",
+    ),
+    pytest.param(
+        lambda: GroupedQueryAttention(16, 2, 1, base=1.0),
+        ValueError,
+        "base",
+        id="base",
+    ),
+    pytest.param(
+        lambda: attn(torch.randn(2, 3, 8)),
+        ValueError,
+        "d_model=16",
+        id="d_model",
+    ),
+    pytest.param(
+        lambda: attn(torch.ones(2, 3, 16, dtype=torch.long)),
+        TypeError,
+        "floating-point",
+        id="floating",
+    ),
+    pytest.param(
+        lambda: attn(torch.randn(2, 3, 16), positions=torch.arange(4)),
+        ValueError,
+        "positions must have shape",
+        id="positions",
+    ),
+    pytest.param(
+        lambda: attn(torch.randn(2, 3, 16), positions=torch.arange(3.0)),
+        TypeError,
+        "integer tensor",
+        id="integer",
+    ),
+    pytest.param(
+        lambda: attn(torch.randn(2, 3, 16), cache=[]),
+        TypeError,
+        "cache must be a LayerKVCache",
+        id="cache",
+    ),
+    pytest.param(
+        lambda: attn(torch.randn(3, 1, 16), cache=full_cache),
+        ValueError,
+        "batch size 3",
+        id="batch",
+    ),
+    pytest.param(
+        lambda: other(torch.randn(2, 1, 16), cache=full_cache),
+        ValueError,
+        "does not fit the cached",
+        id="like",
+    ),
+    pytest.param(
+        lambda: cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4)),
+        ValueError,
+        "same positions",
+        id="same",
+    ),
+    pytest.param(
+        lambda: LayerKVCache(keep=-1),
+        ValueError,
+        "keep",
+        id="keep",
+    ),
+    pytest.param(
+        lambda: model(torch.tensor([[3, 11]])),
+        ValueError,
+        "ids must lie in \\[0, 11\\)",
+        id="ids",
+    ),
+    pytest.param(
+        lambda: model(torch.tensor([[3]]), cache=[LayerKVCache()]),
+        ValueError,
+        "list of 2 caches",
+        id="list",
+    ),
+    pytest.param(
+        lambda: generate(torch.nn.Linear(2, 2), torch.tensor([[1]]), 2),
+        TypeError,
+        "model must be a GQALM",
+        id="model",
+    ),
+    pytest.param(
+        lambda: generate(model, torch.tensor([[1]]), 0),
+        ValueError,
+        "n_new must be positive",
+        id="n_new",
+    ),
+    pytest.param(
+        lambda: generate(model, torch.zeros(1, 0, dtype=torch.long), 2),
+        ValueError,
+        "at least one token",
+        id="at",
+    ),
+    pytest.param(
+        lambda: GQALM(11, d_model=16, n_heads=2, n_kv_heads=4),
+        ValueError,
+        "n_heads=2 is not divisible",
+        id="n_heads-2",
+    ),
+]
 
 
-def test_gqa_bad_forward():
-    attn = GroupedQueryAttention(16, 4, 2)
-    with pytest.raises(ValueError, match="d_model=16"):
-        attn(torch.randn(2, 3, 8))
-    with pytest.raises(TypeError, match="floating-point"):
-        attn(torch.ones(2, 3, 16, dtype=torch.long))
-    with pytest.raises(ValueError, match="positions must have shape"):
-        attn(torch.randn(2, 3, 16), positions=torch.arange(4))
-    with pytest.raises(TypeError, match="integer tensor"):
-        attn(torch.randn(2, 3, 16), positions=torch.arange(3.0))
-    with pytest.raises(TypeError, match="cache must be a LayerKVCache"):
-        attn(torch.randn(2, 3, 16), cache=[])
-    cache = LayerKVCache()
-    attn(torch.randn(2, 3, 16), cache=cache)
-    with pytest.raises(ValueError, match="batch size 3"):
-        attn(torch.randn(3, 1, 16), cache=cache)
-    other = GroupedQueryAttention(16, 4, 1)
-    with pytest.raises(ValueError, match="like the cache"):
-        other(torch.randn(2, 1, 16), cache=cache)
-
-
-def test_cache_update_bad_input():
-    cache = LayerKVCache()
-    with pytest.raises(ValueError, match="same shape"):
-        cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4))
-    with pytest.raises(ValueError, match="keep"):
-        cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), keep=-1)
-    assert len(cache) == 0 and cache.nbytes() == 0
-
-
-def test_model_and_generate_bad_input():
-    model = GQALM(11, d_model=16, n_heads=2, n_kv_heads=1)
-    with pytest.raises(ValueError, match=r"ids must be in \[0, 11\)"):
-        model(torch.tensor([[3, 11]]))
-    with pytest.raises(ValueError, match="list of 2 LayerKVCache"):
-        model(torch.tensor([[3]]), cache=[LayerKVCache()])
-    with pytest.raises(TypeError, match="model must be a GQALM"):
-        generate(torch.nn.Linear(2, 2), torch.tensor([[1]]), 2)
-    with pytest.raises(ValueError, match="n_new must be positive"):
-        generate(model, torch.tensor([[1]]), 0)
-    with pytest.raises(ValueError, match="at least one token"):
-        generate(model, torch.zeros(1, 0, dtype=torch.long), 2)
-    with pytest.raises(ValueError, match="n_heads=2 is not divisible"):
-        GQALM(11, d_model=16, n_heads=2, n_kv_heads=4)
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+    assert len(cache) == 0 and cache.nbytes() == 0  # a failed update changes nothing

@@ -145,7 +145,7 @@ def test_matches_hf_deepseek_attention_and_its_latent_cache(sizes, version, inte
     hf_rope = layer.values[:, 0] if version == 3 else layer.values[:, 0][..., perm]
     torch.testing.assert_close(cache.k_rope, hf_rope, rtol=1e-5, atol=1e-6)
     hf_bytes = layer.keys.nbytes + layer.values.nbytes
-    assert cache.nbytes == hf_bytes
+    assert cache.nbytes() == hf_bytes
     assert hf_bytes == mla_cache_bytes(1, sizes[2], sizes[4], 9, 2, 8)  # float64
 
 
@@ -241,8 +241,8 @@ def test_decoding_with_the_latent_cache_equals_one_pass(absorb, chunks):
         outputs.append(mla(x[:, start : start + n], cache=cache, absorb=absorb))
         start += n
     torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=1e-12, atol=1e-12)
-    assert cache.length == sum(chunks)
-    assert cache.nbytes == mla_cache_bytes(1, sizes[2], sizes[4], sum(chunks), 2, 8)
+    assert len(cache) == sum(chunks)
+    assert cache.nbytes() == mla_cache_bytes(1, sizes[2], sizes[4], sum(chunks), 2, 8)
 
 
 def test_gradients_match_between_absorbed_and_naive():
@@ -287,42 +287,113 @@ def test_mla_lm_is_positionlm_with_latent_attention_and_causal():
     assert not torch.allclose(model(changed)[:, 6:], logits[:, 6:])
 
 
-# --------------------------------------------------------------------- bad input
+# -------------------------------------------------------------------- bad input
+
+mla = MultiHeadLatentAttention(16, 2, 8, 4, 4)
+cache = LatentCache()
+mla(torch.randn(2, 3, 16), cache=cache)
+
+BAD_INPUT = [
+    pytest.param(
+        lambda: MultiHeadLatentAttention(16, 2, 8, 4, 3),
+        ValueError,
+        "qk_rope_head_dim must be even",
+        id="qk_rope_head_dim",
+    ),
+    pytest.param(
+        lambda: MultiHeadLatentAttention(16, 2, 0, 4, 4),
+        ValueError,
+        "kv_lora_rank must be positive",
+        id="kv_lora_rank",
+    ),
+    pytest.param(
+        lambda: MultiHeadLatentAttention(16, 2.0, 8, 4, 4),
+        TypeError,
+        "n_heads must be an int",
+        id="n_heads",
+    ),
+    pytest.param(
+        lambda: MultiHeadLatentAttention(16, 2, 8, 4, 4, q_lora_rank=-1),
+        ValueError,
+        "q_lora_rank must be positive",
+        id="q_lora_rank",
+    ),
+    pytest.param(
+        lambda: MultiHeadLatentAttention(16, 2, 8, 4, 4, base=1.0),
+        ValueError,
+        "base must be in \\(1, inf\\)",
+        id="base",
+    ),
+    pytest.param(
+        lambda: MultiHeadLatentAttention(16, 2, 8, 4, 4, eps=-1.0),
+        ValueError,
+        "eps must be in \\[0, inf\\)",
+        id="eps",
+    ),
+    pytest.param(
+        lambda: mla(torch.randn(2, 3, 8)),
+        ValueError,
+        "x must have shape \\(B, T, d_model=16\\)",
+        id="x",
+    ),
+    pytest.param(
+        lambda: mla(torch.randn(3, 16)),
+        ValueError,
+        "x must have 3 dimensions",
+        id="x-2",
+    ),
+    pytest.param(
+        lambda: mla(torch.ones(2, 3, 16, dtype=torch.long)),
+        TypeError,
+        "x must be a floating-point tensor",
+        id="x-3",
+    ),
+    pytest.param(
+        lambda: mla(torch.randn(2, 3, 16), cache={}),
+        TypeError,
+        "cache must be a LatentCache",
+        id="cache",
+    ),
+    pytest.param(
+        lambda: mla(torch.randn(2, 3, 16), absorb=1),
+        TypeError,
+        "absorb must be a bool",
+        id="absorb",
+    ),
+    pytest.param(
+        lambda: mla(torch.randn(1, 1, 16), cache=cache),
+        ValueError,
+        "c_kv .* does not fit the cached",
+        id="cache-batch",
+    ),
+    pytest.param(
+        lambda: LatentCache().update(torch.randn(2, 3, 8), torch.randn(2, 4, 4)),
+        ValueError,
+        "must hold the same positions",
+        id="c_kv-k_rope-positions",
+    ),
+    pytest.param(
+        lambda: LatentCache().update(torch.randn(3, 8), torch.randn(2, 3, 4)),
+        ValueError,
+        "c_kv must have 3 dimensions",
+        id="c_kv",
+    ),
+    pytest.param(
+        lambda: mla_cache_bytes(60, 512, 64, seq_len=0),
+        ValueError,
+        "seq_len must be positive",
+        id="seq_len",
+    ),
+    pytest.param(
+        lambda: mla_cache_bytes(60.0, 512, 64),
+        TypeError,
+        "n_layers must be an int",
+        id="n_layers",
+    ),
+]
 
 
-def test_bad_input_fails_clearly():
-    with pytest.raises(ValueError, match="qk_rope_head_dim must be even"):
-        MultiHeadLatentAttention(16, 2, 8, 4, 3)
-    with pytest.raises(ValueError, match="kv_lora_rank must be positive"):
-        MultiHeadLatentAttention(16, 2, 0, 4, 4)
-    with pytest.raises(TypeError, match="n_heads must be an int"):
-        MultiHeadLatentAttention(16, 2.0, 8, 4, 4)
-    with pytest.raises(ValueError, match="q_lora_rank must be positive"):
-        MultiHeadLatentAttention(16, 2, 8, 4, 4, q_lora_rank=-1)
-    with pytest.raises(ValueError, match=r"base must be in \(1, inf\)"):
-        MultiHeadLatentAttention(16, 2, 8, 4, 4, base=1.0)
-    with pytest.raises(ValueError, match=r"eps must be in \[0, inf\)"):
-        MultiHeadLatentAttention(16, 2, 8, 4, 4, eps=-1.0)
-    mla = MultiHeadLatentAttention(16, 2, 8, 4, 4)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, T, d_model=16\)"):
-        mla(torch.randn(2, 3, 8))
-    with pytest.raises(ValueError, match="x must have 3 dimensions"):
-        mla(torch.randn(3, 16))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        mla(torch.ones(2, 3, 16, dtype=torch.long))
-    with pytest.raises(TypeError, match="cache must be a LatentCache"):
-        mla(torch.randn(2, 3, 16), cache={})
-    with pytest.raises(TypeError, match="absorb must be a bool"):
-        mla(torch.randn(2, 3, 16), absorb=1)
-    cache = LatentCache()
-    mla(torch.randn(2, 3, 16), cache=cache)
-    with pytest.raises(ValueError, match="does not match the cache"):
-        mla(torch.randn(1, 1, 16), cache=cache)
-    with pytest.raises(ValueError, match=r"must share \(B, T\)"):
-        LatentCache().append(torch.randn(2, 3, 8), torch.randn(2, 4, 4))
-    with pytest.raises(ValueError, match="c_kv must have 3 dimensions"):
-        LatentCache().append(torch.randn(3, 8), torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        mla_cache_bytes(60, 512, 64, seq_len=0)
-    with pytest.raises(TypeError, match="n_layers must be an int"):
-        mla_cache_bytes(60.0, 512, 64)
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -2,7 +2,7 @@
 
 The LLaMA block is compared with Hugging Face's ``LlamaDecoderLayer`` built from tiny
 ``LlamaConfig``s with fewer key-value heads than query heads, the weights copied with
-``load_state_dict`` (the names are the same), in float64, outputs and input gradients;
+``load_state_dict`` (under Hugging Face's names, ``hf_llama_names``), in float64, outputs and input gradients;
 the language model with ``LlamaForCausalLM``. Hugging Face computes its RMSNorm in
 float32 whatever the input's precision, so the tolerance is float32's; with that norm
 computed in the input's precision (patched for the test) the agreement is float64's.
@@ -36,6 +36,7 @@ from dlabc.improvements.modern_block import (
     GeluFeedForward,
     LlamaBlock,
     ffn_parameter_count,
+    hf_llama_names,
     swiglu_hidden_size,
 )
 from dlabc.improvements.rope_alibi import rope_cos_sin
@@ -172,7 +173,7 @@ def test_llama_block_matches_hf_decoder_layer(d_model, n_heads, n_kv_heads, d_ff
     ours = _randomize(LlamaBlock(d_model, n_heads, n_kv_heads, d_ff).double())
     hf = LlamaDecoderLayer(_config(d_model, n_heads, n_kv_heads, d_ff), 0)
     hf = hf.double().eval()
-    hf.load_state_dict(ours.state_dict())  # the same names: no renaming
+    hf.load_state_dict(hf_llama_names(ours.state_dict()))  # LlamaDecoderLayer's names
     x = torch.randn(3, 11, d_model, dtype=torch.float64, requires_grad=True)
     y, y_hf = ours(x), _hf_layer_output(hf, x)
     torch.testing.assert_close(y, y_hf, **HF_F32_NORM)
@@ -191,13 +192,14 @@ def test_llama_block_matches_hf_to_float64_with_hfs_norm_in_float64(
     ours = _randomize(LlamaBlock(d_model, n_heads, n_kv_heads, d_ff).double())
     hf = LlamaDecoderLayer(_config(d_model, n_heads, n_kv_heads, d_ff), 0)
     hf = hf.double().eval()
-    hf.load_state_dict(ours.state_dict())
+    hf.load_state_dict(hf_llama_names(ours.state_dict()))
     x = torch.randn(2, 9, d_model, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(ours(x), _hf_layer_output(hf, x), **F64)
     # positions given per example: RoPE at other offsets, the same in both
     positions = torch.stack([torch.arange(9) + 5, torch.arange(9) + 40])  # (B, T)
+    h = x + ours.attn(ours.norm1(x), positions)  # the block, positions to Attn
     torch.testing.assert_close(
-        ours(x, positions), _hf_layer_output(hf, x, positions), **F64
+        h + ours.ff(ours.norm2(h)), _hf_layer_output(hf, x, positions), **F64
     )
     y, y_hf = ours(x), _hf_layer_output(hf, x)
     (g,) = torch.autograd.grad(y.square().sum(), x)
@@ -209,7 +211,7 @@ def test_llama_block_matches_hf_to_float64_with_hfs_norm_in_float64(
 @pytest.mark.parametrize("eps", [1e-6, 1e-5])
 def test_the_blocks_rmsnorm_matches_llama_rmsnorm_and_torch(dtype, eps):
     block = _randomize(LlamaBlock(24, 2, 1, 32, eps=eps)).to(dtype)
-    ours = block.input_layernorm
+    ours = block.norm1
     hf = LlamaRMSNorm(24, eps=eps).to(dtype)
     reference = nn.RMSNorm(24, eps=eps).to(dtype)
     with torch.no_grad():
@@ -228,11 +230,7 @@ def test_block_lm_matches_hf_llama_for_causal_lm(d_model, n_heads, n_kv_heads, d
     ours = _randomize(ours.double())
     config = _config(d_model, n_heads, n_kv_heads, d_ff, n_layers=3)
     hf = LlamaForCausalLM(config).double().eval()
-    state = {
-        (key if key.startswith("lm_head") else f"model.{key}"): value
-        for key, value in ours.state_dict().items()
-    }
-    hf.load_state_dict(state)  # LlamaForCausalLM's names, under "model."
+    hf.load_state_dict(hf_llama_names(ours.state_dict()))  # LlamaForCausalLM's names
     ids = torch.randint(23, (2, 10))
     # the reference makes its RoPE tables and its RMSNorm in float32
     torch.testing.assert_close(ours(ids), hf(ids).logits, **HF_F32_NORM)
@@ -271,8 +269,8 @@ def test_post_ln_output_is_normalized(norm):
 def test_pre_ln_block_is_the_identity_when_its_sublayers_output_zero(norm):
     block = LlamaBlock(16, 2, 1, 24, norm=norm).double()
     with torch.no_grad():
-        block.self_attn.o_proj.weight.zero_()
-        block.mlp.down_proj.weight.zero_()
+        block.attn.o_proj.weight.zero_()
+        block.ff.down_proj.weight.zero_()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     torch.testing.assert_close(block(x), x, rtol=0, atol=0)
 
@@ -281,9 +279,9 @@ def test_layernorm_variant_uses_layernorm_and_gelu_variant_uses_gelu():
     block = LlamaBlock(16, 2, 1, 24, norm="layer", ffn="gelu").double()
     reference = nn.LayerNorm(16, eps=1e-6).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    torch.testing.assert_close(block.input_layernorm(x), reference(x), **F64)
-    assert isinstance(block.mlp, GeluFeedForward)
-    assert isinstance(LlamaBlock(16, 2, 1, 24).mlp, GatedFeedForward)
+    torch.testing.assert_close(block.norm1(x), reference(x), **F64)
+    assert isinstance(block.ff, GeluFeedForward)
+    assert isinstance(LlamaBlock(16, 2, 1, 24).ff, GatedFeedForward)
 
 
 def test_block_lm_has_a_final_norm_only_when_pre_ln():
@@ -308,50 +306,140 @@ def test_block_with_a_kv_cache_equals_the_full_sequence(norm_first):
 
 # -------------------------------------------------------------------- bad input
 
+block = LlamaBlock(16, 2, 1, 24)
+model = BlockLM(11, 16, 2, 1, 24)
 
-def test_bad_arguments_fail_clearly():
-    with pytest.raises(ValueError, match="norm must be one of"):
-        LlamaBlock(16, 2, 1, 24, norm="batch")
-    with pytest.raises(ValueError, match="ffn must be one of"):
-        LlamaBlock(16, 2, 1, 24, ffn="relu")
-    with pytest.raises(TypeError, match="norm_first must be a bool"):
-        LlamaBlock(16, 2, 1, 24, norm_first="yes")
-    with pytest.raises(ValueError, match="d_ff must be positive"):
-        LlamaBlock(16, 2, 1, 0)
-    with pytest.raises(ValueError, match="eps must be in"):
-        LlamaBlock(16, 2, 1, 24, eps=0.0)
-    with pytest.raises(ValueError, match="n_kv_heads"):
-        LlamaBlock(16, 4, 3, 24)  # 3 does not divide 4 (the attention's check)
-    with pytest.raises(ValueError, match="d_model must be positive"):
-        swiglu_hidden_size(0)
-    with pytest.raises(ValueError, match="multiple_of must be positive"):
-        swiglu_hidden_size(64, multiple_of=0)
-    with pytest.raises(ValueError, match="ffn_dim_multiplier must be in"):
-        swiglu_hidden_size(64, ffn_dim_multiplier=-1.0)
-    with pytest.raises(TypeError, match="gated must be a bool"):
-        ffn_parameter_count(4, 8, gated=1)
-    with pytest.raises(ValueError, match="d_ff must be positive"):
-        GeluFeedForward(4, 0)
-    with pytest.raises(ValueError, match="n_layers must be positive"):
-        BlockLM(11, 16, 2, 0, 24)
-    with pytest.raises(ValueError, match="d_model must be positive"):
-        BlockLM(11, -16, 2, 1, 24)
+BAD_INPUT = [
+    pytest.param(
+        lambda: LlamaBlock(16, 2, 1, 24, norm="batch"),
+        ValueError,
+        "norm must be one of",
+        id="norm",
+    ),
+    pytest.param(
+        lambda: LlamaBlock(16, 2, 1, 24, ffn="relu"),
+        ValueError,
+        "ffn must be one of",
+        id="ffn",
+    ),
+    pytest.param(
+        lambda: LlamaBlock(16, 2, 1, 24, norm_first="yes"),
+        TypeError,
+        "norm_first must be a bool",
+        id="norm_first",
+    ),
+    pytest.param(
+        lambda: LlamaBlock(16, 2, 1, 0),
+        ValueError,
+        "d_ff must be positive",
+        id="d_ff",
+    ),
+    pytest.param(
+        lambda: LlamaBlock(16, 2, 1, 24, eps=0.0),
+        ValueError,
+        "eps must be in",
+        id="eps",
+    ),
+    pytest.param(
+        lambda: LlamaBlock(16, 4, 3, 24),
+        ValueError,
+        "n_kv_heads",
+        id="n_kv_heads",
+    ),
+    pytest.param(
+        lambda: swiglu_hidden_size(0),
+        ValueError,
+        "d_model must be positive",
+        id="d_model",
+    ),
+    pytest.param(
+        lambda: swiglu_hidden_size(64, multiple_of=0),
+        ValueError,
+        "multiple_of must be positive",
+        id="multiple_of",
+    ),
+    pytest.param(
+        lambda: swiglu_hidden_size(64, ffn_dim_multiplier=-1.0),
+        ValueError,
+        "ffn_dim_multiplier must be in",
+        id="ffn_dim_multiplier",
+    ),
+    pytest.param(
+        lambda: ffn_parameter_count(4, 8, gated=1),
+        TypeError,
+        "gated must be a bool",
+        id="gated",
+    ),
+    pytest.param(
+        lambda: GeluFeedForward(4, 0),
+        ValueError,
+        "d_ff must be positive",
+        id="d_ff-2",
+    ),
+    pytest.param(
+        lambda: BlockLM(11, 16, 2, 0, 24),
+        ValueError,
+        "n_layers must be positive",
+        id="n_layers",
+    ),
+    pytest.param(
+        lambda: BlockLM(11, -16, 2, 1, 24),
+        ValueError,
+        "d_model must be positive",
+        id="d_model-2",
+    ),
+    pytest.param(
+        lambda: block(torch.randn(2, 5, 8)),
+        ValueError,
+        "x must end with",
+        id="x-width",
+    ),
+    pytest.param(
+        lambda: hf_llama_names([("embed.weight", torch.zeros(1))]),
+        TypeError,
+        "state_dict must be a dict",
+        id="state_dict",
+    ),
+    pytest.param(
+        lambda: block(torch.randn(5, 16)),
+        ValueError,
+        "3 dimensions",
+        id="dimensions",
+    ),
+    pytest.param(
+        lambda: block(torch.ones(2, 5, 16, dtype=torch.long)),
+        TypeError,
+        "floating-point",
+        id="floating",
+    ),
+    pytest.param(
+        lambda: GeluFeedForward(4, 8)(torch.randn(3, 5)),
+        ValueError,
+        "d_model=4",
+        id="d_model-4",
+    ),
+    pytest.param(
+        lambda: model(torch.full((1, 4), 11)),
+        ValueError,
+        "ids must lie in \\[0, 11\\)",
+        id="ids",
+    ),
+    pytest.param(
+        lambda: model(torch.zeros(1, 4)),
+        TypeError,
+        "torch.int64",
+        id="torch",
+    ),
+    pytest.param(
+        lambda: model(torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        "2 dimensions",
+        id="dimensions-2",
+    ),
+]
 
 
-def test_bad_input_fails_clearly():
-    block = LlamaBlock(16, 2, 1, 24)
-    with pytest.raises(ValueError, match="d_model=16"):
-        block(torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match="3 dimensions"):
-        block(torch.randn(5, 16))
-    with pytest.raises(TypeError, match="floating-point"):
-        block(torch.ones(2, 5, 16, dtype=torch.long))
-    with pytest.raises(ValueError, match="d_model=4"):
-        GeluFeedForward(4, 8)(torch.randn(3, 5))
-    model = BlockLM(11, 16, 2, 1, 24)
-    with pytest.raises(ValueError, match=r"ids must lie in \[0, 11\)"):
-        model(torch.full((1, 4), 11))
-    with pytest.raises(TypeError, match="torch.int64"):
-        model(torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="2 dimensions"):
-        model(torch.zeros(4, dtype=torch.long))
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -233,46 +233,130 @@ def test_table_task():
             assert targets[b, t] == table[tokens[b, t - 1], tokens[b, t]]
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="top_k=5 must not exceed n_experts=4"):
-        SparseMoE(8, 4, 4, top_k=5)
-    with pytest.raises(ValueError, match="capacity_factor"):
-        SparseMoE(8, 4, 4, capacity_factor=0.0)
-    with pytest.raises(ValueError, match="capacity_factor"):
-        SparseMoE(8, 4, 4, capacity_factor=-1.0)
-    with pytest.raises(TypeError, match="normalize must be a bool"):
-        SparseMoE(8, 4, 4, normalize=1)
-    with pytest.raises(TypeError, match="n_experts must be an int"):
-        SparseMoE(8, 4, 2.0)
-    moe = SparseMoE(8, 4, 4)
-    with pytest.raises(ValueError, match="x must end in d_model=8"):
-        moe(torch.randn(2, 3, 7))
-    with pytest.raises(TypeError, match="x must be a floating"):
-        moe(torch.ones(2, 8, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="call the module first"):
-        SparseMoE(8, 4, 4).aux_losses()
-    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
-        route(torch.randn(3), 1)
-    with pytest.raises(ValueError, match="top_k=3 must not exceed n_experts=2"):
-        route(torch.randn(4, 2), 3)
-    with pytest.raises(ValueError, match="capacity_factor"):
-        expert_capacity(10, 2, 0)
-    with pytest.raises(ValueError, match="experts must lie in 0..1"):
-        apply_capacity(torch.tensor([[2]]), 2, 1)
-    with pytest.raises(ValueError, match="one row per token"):
-        load_balancing_loss(torch.rand(4, 3), torch.zeros(3, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="mask must have shape"):
-        load_balancing_loss(
+# -------------------------------------------------------------------- bad input
+
+moe = SparseMoE(8, 4, 4)
+assert isinstance(Routing, type) and issubclass(SparseMoE, nn.Module)
+
+BAD_INPUT = [
+    pytest.param(
+        lambda: SparseMoE(8, 4, 4, top_k=5),
+        ValueError,
+        "top_k=5 must not exceed n_experts=4",
+        id="top_k",
+    ),
+    pytest.param(
+        lambda: SparseMoE(8, 4, 4, capacity_factor=0.0),
+        ValueError,
+        "capacity_factor",
+        id="capacity_factor",
+    ),
+    pytest.param(
+        lambda: SparseMoE(8, 4, 4, capacity_factor=-1.0),
+        ValueError,
+        "capacity_factor",
+        id="capacity_factor-2",
+    ),
+    pytest.param(
+        lambda: SparseMoE(8, 4, 4, normalize=1),
+        TypeError,
+        "normalize must be a bool",
+        id="normalize",
+    ),
+    pytest.param(
+        lambda: SparseMoE(8, 4, 2.0),
+        TypeError,
+        "n_experts must be an int",
+        id="n_experts",
+    ),
+    pytest.param(
+        lambda: moe(torch.randn(2, 3, 7)),
+        ValueError,
+        "x must end in d_model=8",
+        id="x",
+    ),
+    pytest.param(
+        lambda: moe(torch.ones(2, 8, dtype=torch.long)),
+        TypeError,
+        "x must be a floating",
+        id="x-2",
+    ),
+    pytest.param(
+        lambda: SparseMoE(8, 4, 4).aux_losses(),
+        RuntimeError,
+        "call the module first",
+        id="call",
+    ),
+    pytest.param(
+        lambda: route(torch.randn(3), 1),
+        ValueError,
+        "logits must have 2 dimensions",
+        id="logits",
+    ),
+    pytest.param(
+        lambda: route(torch.randn(4, 2), 3),
+        ValueError,
+        "top_k=3 must not exceed n_experts=2",
+        id="top_k-2",
+    ),
+    pytest.param(
+        lambda: expert_capacity(10, 2, 0),
+        ValueError,
+        "capacity_factor",
+        id="capacity_factor-3",
+    ),
+    pytest.param(
+        lambda: apply_capacity(torch.tensor([[2]]), 2, 1),
+        ValueError,
+        "experts must lie in 0..1",
+        id="experts",
+    ),
+    pytest.param(
+        lambda: load_balancing_loss(
+            torch.rand(4, 3), torch.zeros(3, 1, dtype=torch.long)
+        ),
+        ValueError,
+        "one row per token",
+        id="one",
+    ),
+    pytest.param(
+        lambda: load_balancing_loss(
             torch.rand(4, 3),
             torch.zeros(4, 1, dtype=torch.long),
             torch.ones(3, dtype=torch.bool),
-        )
-    with pytest.raises(TypeError, match="routing must be a Routing"):
-        expert_load("no", 2)
-    with pytest.raises(ValueError, match="table must be square"):
-        table_task(2, 3, torch.zeros(3, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="make_ffn must be callable"):
-        TinyLM(5, 8, 2, 1, None)
-    with pytest.raises(TypeError, match="tokens must have dtype torch.int64"):
-        TinyLM(5, 8, 2, 1, lambda: GatedFeedForward(8, 4))(torch.zeros(2, 3))
-    assert isinstance(Routing, type) and issubclass(SparseMoE, nn.Module)
+        ),
+        ValueError,
+        "mask must have shape",
+        id="mask",
+    ),
+    pytest.param(
+        lambda: expert_load("no", 2),
+        TypeError,
+        "routing must be a Routing",
+        id="routing",
+    ),
+    pytest.param(
+        lambda: table_task(2, 3, torch.zeros(3, 4, dtype=torch.long)),
+        ValueError,
+        "table must be square",
+        id="table",
+    ),
+    pytest.param(
+        lambda: TinyLM(5, 8, 2, 1, None),
+        TypeError,
+        "make_ffn must be callable",
+        id="make_ffn",
+    ),
+    pytest.param(
+        lambda: TinyLM(5, 8, 2, 1, lambda: GatedFeedForward(8, 4))(torch.zeros(2, 3)),
+        TypeError,
+        "ids must have dtype torch.int64",
+        id="tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -26,9 +26,10 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from dlabc.decoder import DecoderBlock
+from dlabc.improvements.gqa_kv_cache import LayerKVCache
 from dlabc.improvements.rope_alibi import (
     CausalSelfAttention,
-    DecoderBlock,
     PositionLM,
     alibi_bias,
     alibi_slopes,
@@ -282,7 +283,10 @@ def test_position_lm_is_causal_and_works_beyond_the_training_length(positions):
     logits2 = model(x2)
     torch.testing.assert_close(logits[:, :25], logits2[:, :25], rtol=0, atol=1e-6)
     assert not torch.allclose(logits[:, 25:], logits2[:, 25:])
-    block = DecoderBlock(16, 2, 32, positions)
+    block = model.blocks[0]
+    assert isinstance(block, DecoderBlock) and isinstance(
+        block.attn, CausalSelfAttention
+    )
     assert block(torch.randn(2, 5, 16)).shape == (2, 5, 16)
 
 
@@ -301,54 +305,165 @@ def test_lm_loss_and_loss_by_position():
 
 # -------------------------------------------------------------------- bad input
 
+cos, sin = rope_cos_sin(5, 8)
+attn = CausalSelfAttention(8, 2)
+model = PositionLM(10, d_model=8, n_heads=2, positions="sinusoidal", max_len=16)
 
-def test_bad_input_fails_clearly():
-    with pytest.raises(ValueError, match="d_head must be even"):
-        rope_frequencies(7)
-    with pytest.raises(ValueError, match=r"base must be in \(1, inf\)"):
-        rope_frequencies(8, base=1.0)
-    with pytest.raises(TypeError, match="positions must be an integer tensor"):
-        rope_cos_sin(torch.tensor([0.5]), 8)
-    with pytest.raises(ValueError, match="positions must be non-negative"):
-        rope_cos_sin(torch.tensor([-1]), 8)
-    with pytest.raises(ValueError, match="positions must be positive"):
-        rope_cos_sin(0, 8)
-    with pytest.raises(ValueError, match="offset must be a non-negative int"):
-        rope_cos_sin(4, 8, offset=-2)
-    with pytest.raises(ValueError, match="x must end in an even size"):
-        rotate_half(torch.randn(3, 5))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        rotate_half(torch.ones(3, 4, dtype=torch.long))
-    cos, sin = rope_cos_sin(5, 8)
-    with pytest.raises(ValueError, match="x must have 4 dimensions"):
-        apply_rope(torch.randn(5, 8), cos, sin)
-    with pytest.raises(ValueError, match=r"cos must have shape \(T, d_head\)"):
-        apply_rope(torch.randn(1, 2, 6, 8), cos, sin)
-    with pytest.raises(ValueError, match="T = len\\(positions\\)"):
-        apply_rope_interleaved(torch.randn(4, 8), torch.arange(5))
-    with pytest.raises(ValueError, match="n_heads must be positive"):
-        alibi_slopes(0)
-    with pytest.raises(TypeError, match="n_heads must be an int"):
-        alibi_slopes(4.0)
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        alibi_bias(4, 0)
-    with pytest.raises(ValueError, match="positions must be one of"):
-        PositionLM(10, positions="learned")
-    with pytest.raises(ValueError, match="not divisible by n_heads"):
-        CausalSelfAttention(10, 3)
-    with pytest.raises(ValueError, match="d_head must be even"):
-        CausalSelfAttention(12, 4, positions="rope")
-    attn = CausalSelfAttention(8, 2)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, T, d_model=8\)"):
-        attn(torch.randn(2, 3, 6))
-    model = PositionLM(10, d_model=8, n_heads=2, positions="sinusoidal", max_len=16)
-    with pytest.raises(ValueError, match="more than max_len=16"):
-        model(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"x must hold ids in \[0, 10\)"):
-        model(torch.full((1, 3), 10))
-    with pytest.raises(TypeError, match="batch must be a tuple"):
-        lm_loss(model, torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="x and y must have the same shape"):
-        lm_loss(model, (torch.zeros(2, 3).long(), torch.zeros(2, 4).long()))
-    with pytest.raises(ValueError, match="must hold at least seq_len \\+ 1"):
-        loss_by_position(model, torch.zeros(5, dtype=torch.long), 5)
+BAD_INPUT = [
+    pytest.param(
+        lambda: rope_frequencies(7),
+        ValueError,
+        "d_head must be even",
+        id="d_head",
+    ),
+    pytest.param(
+        lambda: rope_frequencies(8, base=1.0),
+        ValueError,
+        "base must be in \\(1, inf\\)",
+        id="base",
+    ),
+    pytest.param(
+        lambda: rope_cos_sin(torch.tensor([0.5]), 8),
+        TypeError,
+        "positions must be an integer tensor",
+        id="positions",
+    ),
+    pytest.param(
+        lambda: rope_cos_sin(torch.tensor([-1]), 8),
+        ValueError,
+        "positions must be non-negative",
+        id="positions-2",
+    ),
+    pytest.param(
+        lambda: rope_cos_sin(0, 8),
+        ValueError,
+        "positions must be positive",
+        id="positions-3",
+    ),
+    pytest.param(
+        lambda: rope_cos_sin(4, 8, offset=-2),
+        ValueError,
+        "offset must be a non-negative int",
+        id="offset",
+    ),
+    pytest.param(
+        lambda: rotate_half(torch.randn(3, 5)),
+        ValueError,
+        "x must end in an even size",
+        id="x",
+    ),
+    pytest.param(
+        lambda: rotate_half(torch.ones(3, 4, dtype=torch.long)),
+        TypeError,
+        "x must be a floating-point tensor",
+        id="x-2",
+    ),
+    pytest.param(
+        lambda: apply_rope(torch.randn(5, 8), cos, sin),
+        ValueError,
+        "x must have 4 dimensions",
+        id="x-3",
+    ),
+    pytest.param(
+        lambda: apply_rope(torch.randn(1, 2, 6, 8), cos, sin),
+        ValueError,
+        "cos must have shape \\(T, d_head\\)",
+        id="cos",
+    ),
+    pytest.param(
+        lambda: apply_rope_interleaved(torch.randn(4, 8), torch.arange(5)),
+        ValueError,
+        "T = len\\(positions\\)",
+        id="t",
+    ),
+    pytest.param(
+        lambda: alibi_slopes(0),
+        ValueError,
+        "n_heads must be positive",
+        id="n_heads",
+    ),
+    pytest.param(
+        lambda: alibi_slopes(4.0),
+        TypeError,
+        "n_heads must be an int",
+        id="n_heads-2",
+    ),
+    pytest.param(
+        lambda: alibi_bias(4, 0),
+        ValueError,
+        "seq_len must be positive",
+        id="seq_len",
+    ),
+    pytest.param(
+        lambda: PositionLM(10, positions="learned"),
+        ValueError,
+        "positions must be one of",
+        id="positions-4",
+    ),
+    pytest.param(
+        lambda: CausalSelfAttention(10, 3),
+        ValueError,
+        "not divisible by n_heads",
+        id="not",
+    ),
+    pytest.param(
+        lambda: CausalSelfAttention(12, 4, positions="rope"),
+        ValueError,
+        "d_head must be even",
+        id="d_head-2",
+    ),
+    pytest.param(
+        lambda: attn(torch.randn(2, 3, 6)),
+        ValueError,
+        "x must have shape \\(B, T, d_model=8\\)",
+        id="x-4",
+    ),
+    pytest.param(
+        lambda: model(torch.zeros(1, 17, dtype=torch.long)),
+        ValueError,
+        "do not fit max_len=16",
+        id="x-longer-than-max_len",
+    ),
+    pytest.param(
+        lambda: model(torch.full((1, 3), 10)),
+        ValueError,
+        "ids must lie in \\[0, 10\\)",
+        id="x-5",
+    ),
+    pytest.param(
+        lambda: attn(torch.randn(2, 3, 8), cache=LayerKVCache()),
+        ValueError,
+        "cache must be None",
+        id="cache-not-kept",
+    ),
+    pytest.param(
+        lambda: model(torch.zeros(1, 3, dtype=torch.long), cache=[]),
+        ValueError,
+        "cache must be a list of 2",
+        id="cache-list",
+    ),
+    pytest.param(
+        lambda: lm_loss(model, torch.zeros(2, 3, dtype=torch.long)),
+        TypeError,
+        "batch must be a tuple",
+        id="batch",
+    ),
+    pytest.param(
+        lambda: lm_loss(model, (torch.zeros(2, 3).long(), torch.zeros(2, 4).long())),
+        ValueError,
+        "x and y must have the same shape",
+        id="x-6",
+    ),
+    pytest.param(
+        lambda: loss_by_position(model, torch.zeros(5, dtype=torch.long), 5),
+        ValueError,
+        "must hold at least seq_len \\+ 1",
+        id="must",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

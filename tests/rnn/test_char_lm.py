@@ -78,33 +78,6 @@ def test_vocab_round_trip_and_ids_of_sorted_characters(text):
     assert str(len(vocab)) in repr(vocab)
 
 
-def test_vocab_rejects_unknown_characters_and_bad_input():
-    vocab = CharVocab("abc")
-    for text, unknown in [
-        ("abd", "'d'"),
-        ("zé🙂a", "'z', 'é', '🙂'"),
-        ("\x00", r"'\\x00'"),
-    ]:
-        with pytest.raises(ValueError, match=f"not in the vocabulary: \\[{unknown}\\]"):
-            vocab.encode(text)
-    with pytest.raises(TypeError, match="text must be a str, got bytes"):
-        vocab.encode(b"abc")
-    with pytest.raises(TypeError, match="text must be a str, got list"):
-        CharVocab(["a", "b"])
-    with pytest.raises(ValueError, match="text must contain at least one character"):
-        CharVocab("")
-    with pytest.raises(ValueError, match=r"ids must lie in \[0, 3\), got \[3, -1\]"):
-        vocab.decode([0, 3, -1])
-    with pytest.raises(TypeError, match="ids must be an integer tensor"):
-        vocab.decode(torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match="ids must have 1 dimensions"):
-        vocab.decode(torch.zeros(2, 2, dtype=torch.long))
-    with pytest.raises(TypeError, match="ids must contain ints only"):
-        vocab.decode([0, 1.0])
-    with pytest.raises(TypeError, match="ids must be a 1-D tensor or a sequence"):
-        vocab.decode("ab")
-
-
 # --------------------------------------------------------------------- batches
 
 
@@ -144,28 +117,6 @@ def test_batches_are_reproducible_and_follow_the_text():
             assert any(text[s : s + 11] == window for s in range(len(text) - 10)), (
                 "a window that is not in the text"
             )
-
-
-@pytest.mark.parametrize(
-    "args, error, message",
-    [
-        ((torch.arange(10.0), 2, 3, 1), TypeError, "ids must have dtype torch.int64"),
-        ((torch.zeros(2, 5, dtype=torch.long), 2, 3, 1), ValueError, "1 dimensions"),
-        (([1, 2, 3], 2, 3, 1), TypeError, "ids must be a torch.Tensor"),
-        ((torch.arange(1), 2, 3, 1), ValueError, "at least 2 ids, got 1"),
-        ((torch.arange(10), 0, 3, 1), ValueError, "batch_size must be positive"),
-        ((torch.arange(10), 2, 2.0, 1), TypeError, "seq_len must be an int"),
-        ((torch.arange(10), 2, 3, 0), ValueError, "n_batches must be positive"),
-        (
-            (torch.arange(10), 2, 10, 1),
-            ValueError,
-            r"seq_len \+ 1 = 11 must not exceed",
-        ),
-    ],
-)
-def test_batches_reject_bad_arguments_at_the_call(args, error, message):
-    with pytest.raises(error, match=message):
-        batches(*args)  # not only when the first batch is drawn
 
 
 # --------------------------------------------------------------------- CharLSTM
@@ -247,33 +198,6 @@ def test_char_lstm_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(loss_of, (weight,))
 
 
-def test_char_lstm_rejects_bad_input():
-    model = CharLSTM(5, d_embed=3, d_hidden=4, n_layers=2)
-    good = torch.zeros(2, 3, dtype=torch.long)
-    cases = [
-        (torch.zeros(2, 3), TypeError, "x must have dtype torch.int64"),
-        (torch.zeros(6, dtype=torch.long), ValueError, "x must have 2 dimensions"),
-        (good + 5, ValueError, r"x must hold ids in \[0, 5\), got values in \[5, 5\]"),
-        (good - 1, ValueError, r"x must hold ids in \[0, 5\)"),
-    ]
-    for x, error, message in cases:
-        with pytest.raises(error, match=message):
-            model(x)
-    h = torch.zeros(2, 2, 4)
-    with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\)"):
-        model(good, h)
-    with pytest.raises(ValueError, match=r"state c must have shape \(2, 2, 4\)"):
-        model(good, (h, torch.zeros(1, 2, 4)))
-    with pytest.raises(TypeError, match="state h must be a floating-point tensor"):
-        model(good, (h.long(), h))
-    with pytest.raises(ValueError, match="vocab_size must be positive"):
-        CharLSTM(0)
-    with pytest.raises(TypeError, match="d_hidden must be an int"):
-        CharLSTM(5, d_hidden=12.0)
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        CharLSTM(5, dropout=1.0)
-
-
 # --------------------------------------------------------------------- evaluate_loss
 
 
@@ -295,21 +219,6 @@ def test_evaluate_loss_equals_cross_entropy_of_each_stream_read_at_once(
     model.train()
     assert math.isclose(evaluate_loss(model, ids, streams, chunk_len), reference.item())
     assert model.training  # mode restored
-
-
-def test_evaluate_loss_rejects_bad_arguments():
-    model = model_for(6, d_embed=3, d_hidden=5)
-    ids = random_ids(20, 6, seed=4)
-    with pytest.raises(TypeError, match="model must be a CharLSTM, got Linear"):
-        evaluate_loss(torch.nn.Linear(2, 2), ids)
-    with pytest.raises(ValueError, match="streams must be positive"):
-        evaluate_loss(model, ids, streams=0)
-    with pytest.raises(ValueError, match=r"ids \(20\) is too short for 11 streams"):
-        evaluate_loss(model, ids, streams=11)
-    with pytest.raises(TypeError, match="ids must have dtype torch.int64"):
-        evaluate_loss(model, ids.int())
-    with pytest.raises(ValueError, match=r"x must hold ids in \[0, 6\)"):
-        evaluate_loss(model, ids + 6, streams=2)
 
 
 # --------------------------------------------------------------------- baselines
@@ -371,22 +280,6 @@ def test_baselines_are_distributions_with_their_closed_form_limits():
     cycle = torch.arange(3).repeat(100)
     assert bigram_loss(cycle, cycle, 3, alpha=1e-9) < 1e-6
     assert math.isclose(unigram_loss(cycle, cycle, 3, alpha=1e-9), math.log(3))
-
-
-@pytest.mark.parametrize("loss", [unigram_loss, bigram_loss])
-def test_baselines_reject_bad_arguments(loss):
-    ids = torch.tensor([0, 1, 2, 1])
-    cases = [
-        ((ids.float(), ids, 3), TypeError, "train_ids must have dtype torch.int64"),
-        ((ids, ids[:1], 3), ValueError, "valid_ids must hold at least 2 ids"),
-        ((ids, ids, 2), ValueError, r"train_ids must hold ids in \[0, 2\)"),
-        ((ids, ids + 1, 3), ValueError, r"valid_ids must hold ids in \[0, 3\)"),
-        ((ids, ids, 0), ValueError, "vocab_size must be positive"),
-        ((ids, ids, 3, 0.0), ValueError, r"alpha must be in \(0, inf\)"),
-    ]
-    for args, error, message in cases:
-        with pytest.raises(error, match=message):
-            loss(*args)
 
 
 # --------------------------------------------------------------------- sample
@@ -453,38 +346,6 @@ def test_sample_at_a_huge_temperature_is_uniform():
     assert (frequencies - 0.25).abs().max() < 0.06
 
 
-def test_sample_rejects_bad_arguments():
-    vocab = CharVocab("abcd")
-    model = CharLSTM(4, d_embed=2, d_hidden=3)
-    cases = [
-        (
-            (model, vocab, "ab", 5, -0.1),
-            ValueError,
-            r"temperature must be in \[0, inf\)",
-        ),
-        (
-            (model, vocab, "ab", 5, float("nan")),
-            ValueError,
-            "temperature must be finite",
-        ),
-        ((model, vocab, "ab", 5, "hot"), TypeError, "temperature must be a number"),
-        ((model, vocab, "ab", 0), ValueError, "n must be positive"),
-        ((model, vocab, "", 5), ValueError, "prompt must be a non-empty str"),
-        ((model, vocab, "abz", 5), ValueError, r"not in the vocabulary: \['z'\]"),
-        ((model, "abcd", "ab", 5), TypeError, "vocab must be a CharVocab, got str"),
-        ((torch.nn.LSTM(2, 2), vocab, "ab", 5), TypeError, "model must be a CharLSTM"),
-        ((model, CharVocab("abc"), "ab", 5), ValueError, "vocab has 3 characters but"),
-        (
-            (model, vocab, "ab", 5, 1.0, 0),
-            TypeError,
-            "generator must be a torch.Generator",
-        ),
-    ]
-    for args, error, message in cases:
-        with pytest.raises(error, match=message):
-            sample(*args)
-
-
 # --------------------------------------------------------------------- train_char_lm
 
 
@@ -517,18 +378,394 @@ def test_train_char_lm_learns_a_periodic_text():
     assert sample(model, vocab, "abc", 11, temperature=0) == "defgabcdefg"
 
 
-def test_train_char_lm_rejects_bad_arguments():
-    model = CharLSTM(3, d_embed=2, d_hidden=2)
-    ids = torch.tensor([0, 1, 2] * 20)
-    with pytest.raises(TypeError, match="model must be a CharLSTM"):
-        train_char_lm(torch.nn.Linear(2, 2), ids, ids, steps=2)
-    with pytest.raises(ValueError, match="steps must be positive"):
-        train_char_lm(model, ids, ids, steps=0)
-    with pytest.raises(
-        ValueError, match=r"warmup_steps \(20\) must be less than steps"
-    ):
-        train_char_lm(model, ids, ids, steps=20, warmup_steps=20)
-    with pytest.raises(ValueError, match=r"lr must be in \(0, inf\)"):
-        train_char_lm(model, ids, ids, steps=2, warmup_steps=1, lr=0.0)
-    with pytest.raises(TypeError, match="valid_ids must have dtype torch.int64"):
-        train_char_lm(model, ids, ids.float(), steps=2, warmup_steps=1)
+# --------------------------------------------------------------------- bad input
+
+_VOCAB = CharVocab("abc")
+_IDS = torch.tensor([0, 1, 2, 1])  # for the count baselines
+_X = torch.zeros(2, 3, dtype=torch.long)  # ids for CharLSTM(5, ...)
+_H = torch.zeros(2, 2, 4)  # a state of CharLSTM(5, d_hidden=4, n_layers=2)
+
+
+def _lstm() -> CharLSTM:
+    return CharLSTM(5, d_embed=3, d_hidden=4, n_layers=2)
+
+
+def _sampling(*args):
+    """``sample`` with a model and vocabulary of four characters, then ``args``."""
+    return lambda: sample(CharLSTM(4, d_embed=2, d_hidden=3), CharVocab("abcd"), *args)
+
+
+_CYCLE = torch.tensor([0, 1, 2] * 20)  # a text for train_char_lm
+
+BAD_INPUT = [
+    pytest.param(
+        lambda: _VOCAB.encode("abd"),
+        ValueError,
+        r"text contains characters that are not in the vocabulary: \['d'\]",
+        id="encode-unknown",
+    ),
+    pytest.param(
+        lambda: _VOCAB.encode("zé🙂a"),
+        ValueError,
+        r"not in the vocabulary: \['z', 'é', '🙂'\]",
+        id="encode-unicode",
+    ),
+    pytest.param(
+        lambda: _VOCAB.encode("\x00"),
+        ValueError,
+        r"not in the vocabulary: \['\\x00'\]",
+        id="encode-nul",
+    ),
+    pytest.param(
+        lambda: _VOCAB.encode(b"abc"),
+        TypeError,
+        "text must be a str, got bytes",
+        id="encode-bytes",
+    ),
+    pytest.param(
+        lambda: CharVocab(["a", "b"]),
+        TypeError,
+        "text must be a str, got list",
+        id="CharVocab-list",
+    ),
+    pytest.param(
+        lambda: CharVocab(""),
+        ValueError,
+        "text must contain at least one character",
+        id="CharVocab-empty",
+    ),
+    pytest.param(
+        lambda: _VOCAB.decode([0, 3, -1]),
+        ValueError,
+        r"ids must lie in \[0, 3\), got \[3, -1\]",
+        id="decode-range",
+    ),
+    pytest.param(
+        lambda: _VOCAB.decode(torch.tensor([0.0, 1.0])),
+        TypeError,
+        "ids must be an integer tensor",
+        id="decode-float",
+    ),
+    pytest.param(
+        lambda: _VOCAB.decode(torch.zeros(2, 2, dtype=torch.long)),
+        ValueError,
+        "ids must have 1 dimensions",
+        id="decode-2d",
+    ),
+    pytest.param(
+        lambda: _VOCAB.decode([0, 1.0]),
+        TypeError,
+        "ids must contain ints only",
+        id="decode-float-item",
+    ),
+    pytest.param(
+        lambda: _VOCAB.decode("ab"),
+        TypeError,
+        "ids must be a 1-D tensor or a sequence",
+        id="decode-str",
+    ),
+    pytest.param(
+        lambda: batches(torch.arange(10.0), 2, 3, 1),
+        TypeError,
+        "ids must have dtype torch.int64",
+        id="batches-float",
+    ),
+    pytest.param(
+        lambda: batches(torch.zeros(2, 5, dtype=torch.long), 2, 3, 1),
+        ValueError,
+        "ids must have 1 dimensions",
+        id="batches-2d",
+    ),
+    pytest.param(
+        lambda: batches([1, 2, 3], 2, 3, 1),
+        TypeError,
+        "ids must be a torch.Tensor",
+        id="batches-list",
+    ),
+    pytest.param(
+        lambda: batches(torch.arange(1), 2, 3, 1),
+        ValueError,
+        "ids must hold at least 2 ids, got 1",
+        id="batches-short",
+    ),
+    pytest.param(
+        lambda: batches(torch.arange(10), 0, 3, 1),
+        ValueError,
+        "batch_size must be positive",
+        id="batches-batch_size",
+    ),
+    pytest.param(
+        lambda: batches(torch.arange(10), 2, 2.0, 1),
+        TypeError,
+        "seq_len must be an int",
+        id="batches-seq_len",
+    ),
+    pytest.param(
+        lambda: batches(torch.arange(10), 2, 3, 0),
+        ValueError,
+        "n_batches must be positive",
+        id="batches-n_batches",
+    ),
+    pytest.param(
+        lambda: batches(torch.arange(10), 2, 10, 1),
+        ValueError,
+        r"seq_len \+ 1 = 11 must not exceed",
+        id="batches-too-long",
+    ),
+    pytest.param(
+        lambda: _lstm()(torch.zeros(2, 3)),
+        TypeError,
+        "x must have dtype torch.int64",
+        id="CharLSTM-x-float",
+    ),
+    pytest.param(
+        lambda: _lstm()(torch.zeros(6, dtype=torch.long)),
+        ValueError,
+        "x must have 2 dimensions",
+        id="CharLSTM-x-1d",
+    ),
+    pytest.param(
+        lambda: _lstm()(_X + 5),
+        ValueError,
+        r"x must hold ids in \[0, 5\), got values in \[5, 5\]",
+        id="CharLSTM-x-high",
+    ),
+    pytest.param(
+        lambda: _lstm()(_X - 1),
+        ValueError,
+        r"x must hold ids in \[0, 5\)",
+        id="CharLSTM-x-negative",
+    ),
+    pytest.param(
+        lambda: _lstm()(_X, _H),
+        TypeError,
+        r"state must be a tuple \(h, c\)",
+        id="CharLSTM-state-tensor",
+    ),
+    pytest.param(
+        lambda: _lstm()(_X, (_H, torch.zeros(1, 2, 4))),
+        ValueError,
+        r"state c must have shape \(2, 2, 4\)",
+        id="CharLSTM-state-c",
+    ),
+    pytest.param(
+        lambda: _lstm()(_X, (_H.long(), _H)),
+        TypeError,
+        "state h must be a floating-point tensor",
+        id="CharLSTM-state-h",
+    ),
+    pytest.param(
+        lambda: CharLSTM(0),
+        ValueError,
+        "vocab_size must be positive",
+        id="CharLSTM-vocab_size",
+    ),
+    pytest.param(
+        lambda: CharLSTM(5, d_hidden=12.0),
+        TypeError,
+        "d_hidden must be an int",
+        id="CharLSTM-d_hidden",
+    ),
+    pytest.param(
+        lambda: CharLSTM(5, dropout=1.0),
+        ValueError,
+        r"dropout must be in \[0, 1\)",
+        id="CharLSTM-dropout",
+    ),
+    pytest.param(
+        lambda: evaluate_loss(torch.nn.Linear(2, 2), random_ids(20, 6, seed=4)),
+        TypeError,
+        "model must be a CharLSTM, got Linear",
+        id="evaluate_loss-model",
+    ),
+    pytest.param(
+        lambda: evaluate_loss(
+            model_for(6, d_embed=3, d_hidden=5), random_ids(20, 6, seed=4), streams=0
+        ),
+        ValueError,
+        "streams must be positive",
+        id="evaluate_loss-streams",
+    ),
+    pytest.param(
+        lambda: evaluate_loss(
+            model_for(6, d_embed=3, d_hidden=5), random_ids(20, 6, seed=4), streams=11
+        ),
+        ValueError,
+        r"ids \(20\) is too short for 11 streams",
+        id="evaluate_loss-short",
+    ),
+    pytest.param(
+        lambda: evaluate_loss(
+            model_for(6, d_embed=3, d_hidden=5), random_ids(20, 6, seed=4).int()
+        ),
+        TypeError,
+        "ids must have dtype torch.int64",
+        id="evaluate_loss-int32",
+    ),
+    pytest.param(
+        lambda: evaluate_loss(
+            model_for(6, d_embed=3, d_hidden=5),
+            random_ids(20, 6, seed=4) + 6,
+            streams=2,
+        ),
+        ValueError,
+        r"x must hold ids in \[0, 6\)",
+        id="evaluate_loss-range",
+    ),
+    *(
+        pytest.param(
+            lambda loss=loss, args=args: loss(*args),
+            error,
+            match,
+            id=f"{loss.__name__}-{name}",
+        )
+        for loss in (unigram_loss, bigram_loss)
+        for args, error, match, name in [
+            (
+                (_IDS.float(), _IDS, 3),
+                TypeError,
+                "train_ids must have dtype torch.int64",
+                "train-float",
+            ),
+            (
+                (_IDS, _IDS[:1], 3),
+                ValueError,
+                "valid_ids must hold at least 2 ids",
+                "valid-short",
+            ),
+            (
+                (_IDS, _IDS, 2),
+                ValueError,
+                r"train_ids must hold ids in \[0, 2\)",
+                "train-range",
+            ),
+            (
+                (_IDS, _IDS + 1, 3),
+                ValueError,
+                r"valid_ids must hold ids in \[0, 3\)",
+                "valid-range",
+            ),
+            ((_IDS, _IDS, 0), ValueError, "vocab_size must be positive", "vocab_size"),
+            ((_IDS, _IDS, 3, 0.0), ValueError, r"alpha must be in \(0, inf\)", "alpha"),
+        ]
+    ),
+    pytest.param(
+        _sampling("ab", 5, -0.1),
+        ValueError,
+        r"temperature must be in \[0, inf\)",
+        id="sample-temperature-negative",
+    ),
+    pytest.param(
+        _sampling("ab", 5, float("nan")),
+        ValueError,
+        "temperature must be finite",
+        id="sample-temperature-nan",
+    ),
+    pytest.param(
+        _sampling("ab", 5, "hot"),
+        TypeError,
+        "temperature must be a number",
+        id="sample-temperature-str",
+    ),
+    pytest.param(_sampling("ab", 0), ValueError, "n must be positive", id="sample-n"),
+    pytest.param(
+        _sampling("", 5),
+        ValueError,
+        "prompt must be a non-empty str",
+        id="sample-prompt-empty",
+    ),
+    pytest.param(
+        _sampling("abz", 5),
+        ValueError,
+        r"text contains characters that are not in the vocabulary: \['z'\]",
+        id="sample-prompt-unknown",
+    ),
+    pytest.param(
+        lambda: sample(CharLSTM(4, d_embed=2, d_hidden=3), "abcd", "ab", 5),
+        TypeError,
+        "vocab must be a CharVocab, got str",
+        id="sample-vocab-str",
+    ),
+    pytest.param(
+        lambda: sample(torch.nn.LSTM(2, 2), CharVocab("abcd"), "ab", 5),
+        TypeError,
+        "model must be a CharLSTM",
+        id="sample-model",
+    ),
+    pytest.param(
+        lambda: sample(CharLSTM(4, d_embed=2, d_hidden=3), CharVocab("abc"), "ab", 5),
+        ValueError,
+        "vocab has 3 characters but",
+        id="sample-vocab-size",
+    ),
+    pytest.param(
+        _sampling("ab", 5, 1.0, 0),
+        TypeError,
+        "generator must be a torch.Generator",
+        id="sample-generator",
+    ),
+    pytest.param(
+        lambda: train_char_lm(torch.nn.Linear(2, 2), _CYCLE, _CYCLE, steps=2),
+        TypeError,
+        "model must be a CharLSTM",
+        id="train-model",
+    ),
+    pytest.param(
+        lambda: train_char_lm(
+            CharLSTM(3, d_embed=2, d_hidden=2), _CYCLE, _CYCLE, steps=0
+        ),
+        ValueError,
+        "steps must be positive",
+        id="train-steps",
+    ),
+    pytest.param(
+        lambda: train_char_lm(
+            CharLSTM(3, d_embed=2, d_hidden=2),
+            _CYCLE,
+            _CYCLE,
+            steps=20,
+            warmup_steps=20,
+        ),
+        ValueError,
+        r"warmup_steps \(20\) must be less than steps",
+        id="train-warmup",
+    ),
+    pytest.param(
+        lambda: train_char_lm(
+            CharLSTM(3, d_embed=2, d_hidden=2),
+            _CYCLE,
+            _CYCLE,
+            steps=2,
+            warmup_steps=1,
+            lr=0.0,
+        ),
+        ValueError,
+        r"lr must be in \(0, inf\)",
+        id="train-lr",
+    ),
+    pytest.param(
+        lambda: train_char_lm(
+            CharLSTM(3, d_embed=2, d_hidden=2),
+            _CYCLE,
+            _CYCLE.float(),
+            steps=2,
+            warmup_steps=1,
+        ),
+        TypeError,
+        "valid_ids must have dtype torch.int64",
+        id="train-valid-float",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_ids_on_another_device_skip_the_range_check():
+    """The range of ``x`` is checked on the CPU only: elsewhere it would sync."""
+    from dlabc.rnn.char_lm import _check_input
+
+    _check_input(_lstm(), (_X + 5).to("meta"), None)  # no error, no sync

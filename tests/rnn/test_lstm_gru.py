@@ -556,184 +556,426 @@ def test_sequence_classifier_reads_the_last_hidden_state(kind):
 # --------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kind", list(CELLS))
-def test_cells_reject_bad_input(kind):
-    cell = CELLS[kind][0](3, 4)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
-        cell([1.0, 2.0, 3.0])
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        cell(torch.ones(2, 3, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"x must have 1 or 2 dimensions, got shape"):
-        cell(torch.randn(2, 2, 3))
-    with pytest.raises(
-        ValueError, match=r"input_size=3 features on its last axis, got shape \(2, 5\)"
-    ):
-        cell(torch.randn(2, 5))
-    with pytest.raises(ValueError, match="at least one example"):
-        cell(torch.randn(0, 3))
-    h_bad = torch.randn(2, 5)
-    state = (h_bad, torch.randn(2, 4)) if kind == "lstm" else h_bad
-    with pytest.raises(
+def _cell(kind: str):
+    return CELLS[kind][0](3, 4)
+
+
+def _layer(kind: str, **options):
+    return PAIRS[kind][0](3, 4, **options)
+
+
+def _deep(kind: str):
+    """A two-layer bidirectional layer: its states are (4, B, 4)."""
+    return _layer(kind, num_layers=2, bidirectional=True)
+
+
+def _state(kind: str, h: torch.Tensor, c: torch.Tensor) -> object:
+    """The state a layer or cell of ``kind`` takes: ``(h, c)`` for an LSTM, ``h``."""
+    return (h, c) if kind == "lstm" else h
+
+
+_X = torch.randn(5, 2, 3)  # (T, B, input_size)
+_GOOD = torch.zeros(4, 2, 4)  # (layers * directions, B, H)
+
+# (a call that takes the kind, the error, a regex naming the argument, an id)
+_PER_KIND = [
+    (
+        lambda k: _cell(k)([1.0, 2.0, 3.0]),
+        TypeError,
+        "x must be a torch.Tensor, got list",
+        "cell-x-list",
+    ),
+    (
+        lambda k: _cell(k)(torch.ones(2, 3, dtype=torch.int64)),
+        TypeError,
+        "x must be a floating-point tensor",
+        "cell-x-int",
+    ),
+    (
+        lambda k: _cell(k)(torch.randn(2, 2, 3)),
         ValueError,
-        match=r"h must have shape \(2, 4\) \(batch, hidden_size\), got \(2, 5\)",
-    ):
-        cell(torch.randn(2, 3), state)
-    h64 = torch.randn(2, 4, dtype=torch.float64)
-    state = (h64, h64) if kind == "lstm" else h64
-    with pytest.raises(TypeError, match="h must have the dtype and device of x"):
-        cell(torch.randn(2, 3), state)
-
-
-def test_lstm_cell_rejects_a_bad_state():
-    cell = LSTMCell(3, 4)
-    with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\) or None"):
-        cell(torch.randn(2, 3), torch.randn(2, 4))
-    with pytest.raises(
-        ValueError, match=r"c must have shape \(2, 4\) \(batch, hidden_size\)"
-    ):
-        cell(torch.randn(2, 3), (torch.randn(2, 4), torch.randn(3, 4)))
-    with pytest.raises(ValueError, match=r"h must have shape \(4,\)"):
-        cell(torch.randn(3), (torch.randn(1, 4), torch.randn(1, 4)))
-
-
-@pytest.mark.parametrize("kind", list(PAIRS))
-def test_layers_reject_bad_sequences(kind):
-    layer = PAIRS[kind][0](3, 4, num_layers=2, bidirectional=True)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
-        layer([[1.0, 2.0, 3.0]])
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        layer(torch.ones(5, 2, 3, dtype=torch.int32))
-    for shape in [(3,), (1, 5, 2, 3)]:
-        with pytest.raises(ValueError, match="x must have 2 or 3 dimensions"):
-            layer(torch.randn(*shape))
-    with pytest.raises(
+        r"x must have 1 or 2 dimensions, got shape",
+        "cell-x-3d",
+    ),
+    (
+        lambda k: _cell(k)(torch.randn(2, 5)),
         ValueError,
-        match=r"input_size=3 features on its last axis, got shape \(5, 2, 4\)",
-    ):
-        layer(torch.randn(5, 2, 4))
-    for shape in [(0, 2, 3), (0, 3)]:
-        with pytest.raises(ValueError, match="x must hold at least one time step"):
-            layer(torch.randn(*shape))
-    with pytest.raises(ValueError, match="x must hold at least one sequence"):
-        layer(torch.randn(5, 0, 3))
+        r"input_size=3 features on its last axis, got shape \(2, 5\)",
+        "cell-x-features",
+    ),
+    (
+        lambda k: _cell(k)(torch.randn(0, 3)),
+        ValueError,
+        "x .*at least one example",
+        "cell-x-empty",
+    ),
+    (
+        lambda k: _cell(k)(
+            torch.randn(2, 3), _state(k, torch.randn(2, 5), torch.randn(2, 4))
+        ),
+        ValueError,
+        r"h must have shape \(2, 4\) \(batch, hidden_size\), got \(2, 5\)",
+        "cell-h-shape",
+    ),
+    (
+        lambda k: _cell(k)(
+            torch.randn(2, 3),
+            _state(k, torch.randn(2, 4).double(), torch.randn(2, 4).double()),
+        ),
+        TypeError,
+        "h must have the dtype and device of x",
+        "cell-h-dtype",
+    ),
+    (
+        lambda k: _deep(k)([[1.0, 2.0, 3.0]]),
+        TypeError,
+        "x must be a torch.Tensor, got list",
+        "layer-x-list",
+    ),
+    (
+        lambda k: _deep(k)(torch.ones(5, 2, 3, dtype=torch.int32)),
+        TypeError,
+        "x must be a floating-point tensor",
+        "layer-x-int",
+    ),
+    (
+        lambda k: _deep(k)(torch.randn(3)),
+        ValueError,
+        "x must have 2 or 3 dimensions",
+        "layer-x-1d",
+    ),
+    (
+        lambda k: _deep(k)(torch.randn(1, 5, 2, 3)),
+        ValueError,
+        "x must have 2 or 3 dimensions",
+        "layer-x-4d",
+    ),
+    (
+        lambda k: _deep(k)(torch.randn(5, 2, 4)),
+        ValueError,
+        r"input_size=3 features on its last axis, got shape \(5, 2, 4\)",
+        "layer-x-features",
+    ),
+    (
+        lambda k: _deep(k)(torch.randn(0, 2, 3)),
+        ValueError,
+        "x must hold at least one time step",
+        "layer-x-no-step",
+    ),
+    (
+        lambda k: _deep(k)(torch.randn(0, 3)),
+        ValueError,
+        "x must hold at least one time step",
+        "layer-x-no-step-unbatched",
+    ),
+    (
+        lambda k: _deep(k)(torch.randn(5, 0, 3)),
+        ValueError,
+        "x must hold at least one sequence",
+        "layer-x-no-sequence",
+    ),
+    (
+        lambda k: _deep(k)(_X, _state(k, torch.zeros(4, 2, 5), _GOOD)),
+        ValueError,
+        r"h0 must have shape \(4, 2, 4\) \(num_layers \* num_directions, batch, hidden_size\), got \(4, 2, 5\)",
+        "h0-hidden",
+    ),
+    (
+        lambda k: _deep(k)(_X, _state(k, torch.zeros(2, 2, 4), _GOOD)),
+        ValueError,
+        r"h0 must have shape \(4, 2, 4\)",
+        "h0-directions",
+    ),
+    (
+        lambda k: _deep(k)(torch.randn(5, 3), _state(k, _GOOD, _GOOD)),
+        ValueError,
+        r"h0 must have shape \(4, 4\) \(num_layers",
+        "h0-unbatched",
+    ),
+    (
+        lambda k: _deep(k)(_X, _state(k, _GOOD.double(), _GOOD)),
+        TypeError,
+        "h0 must have the dtype and device of x",
+        "h0-dtype",
+    ),
+    (
+        lambda k: _layer(k)(_X, None, [5, 3]),
+        TypeError,
+        "lengths must be a torch.Tensor, got list",
+        "lengths-list",
+    ),
+    (
+        lambda k: _layer(k)(_X, None, torch.tensor([5.0, 3.0])),
+        TypeError,
+        "lengths must be an integer tensor",
+        "lengths-float",
+    ),
+    (
+        lambda k: _layer(k)(_X, None, torch.tensor([True, True])),
+        TypeError,
+        "lengths must be an integer tensor",
+        "lengths-bool",
+    ),
+    (
+        lambda k: _layer(k)(_X, None, torch.tensor([[5, 3]])),
+        ValueError,
+        r"lengths must have 1 dimensions",
+        "lengths-2d",
+    ),
+    (
+        lambda k: _layer(k)(_X, None, torch.tensor([5, 3, 1])),
+        ValueError,
+        r"lengths must have one entry per sequence \(2\), got shape \(3,\)",
+        "lengths-batch",
+    ),
+    (
+        lambda k: _layer(k)(_X, None, torch.tensor([5, 0])),
+        ValueError,
+        r"lengths must be >= 1.*\[5, 0\]",
+        "lengths-empty",
+    ),
+    (
+        lambda k: _layer(k)(_X, None, torch.tensor([6, 3])),
+        ValueError,
+        r"lengths must be at most the number of time steps \(5\)",
+        "lengths-long",
+    ),
+    (
+        lambda k: _layer(k)(torch.randn(5, 3), None, torch.tensor([5])),
+        ValueError,
+        "lengths needs batched input",
+        "lengths-unbatched",
+    ),
+    (
+        lambda k: _layer(k)(_X, return_gates="yes"),
+        TypeError,
+        "return_gates must be a bool, got str",
+        "return_gates",
+    ),
+]
+_PER_CLASS = [
+    (
+        lambda cls: cls(0, 4),
+        ValueError,
+        "input_size must be positive, got 0",
+        "input_size",
+    ),
+    (
+        lambda cls: cls(3, -1),
+        ValueError,
+        "hidden_size must be positive, got -1",
+        "hidden_size",
+    ),
+    (
+        lambda cls: cls(3, 4.0),
+        TypeError,
+        "hidden_size must be an int, got float",
+        "hidden_size-float",
+    ),
+    (lambda cls: cls(3, 4, bias=1), TypeError, "bias must be a bool, got int", "bias"),
+]
+_PER_LAYER_CLASS = [
+    (
+        lambda cls: cls(3, 4, num_layers=0),
+        ValueError,
+        "num_layers must be positive, got 0",
+        "num_layers",
+    ),
+    (
+        lambda cls: cls(3, 4, batch_first="yes"),
+        TypeError,
+        "batch_first must be a bool, got str",
+        "batch_first",
+    ),
+    (
+        lambda cls: cls(3, 4, bidirectional=None),
+        TypeError,
+        "bidirectional must be a bool",
+        "bidirectional",
+    ),
+]
+
+BAD_INPUT = [
+    *(
+        pytest.param(
+            lambda call=call, kind=kind: call(kind), error, match, id=f"{kind}-{name}"
+        )
+        for kind in PAIRS
+        for call, error, match, name in _PER_KIND
+    ),
+    *(
+        pytest.param(
+            lambda call=call, cls=cls: call(cls),
+            error,
+            match,
+            id=f"{cls.__name__}-{name}",
+        )
+        for cls in (LSTM, GRU, LSTMCell, GRUCell)
+        for call, error, match, name in _PER_CLASS
+    ),
+    *(
+        pytest.param(
+            lambda call=call, cls=cls: call(cls),
+            error,
+            match,
+            id=f"{cls.__name__}-{name}",
+        )
+        for cls in (LSTM, GRU)
+        for call, error, match, name in _PER_LAYER_CLASS
+    ),
+    pytest.param(
+        lambda: LSTMCell(3, 4)(torch.randn(2, 3), torch.randn(2, 4)),
+        TypeError,
+        r"state must be a tuple \(h, c\) or None",
+        id="LSTMCell-state-tensor",
+    ),
+    pytest.param(
+        lambda: LSTMCell(3, 4)(
+            torch.randn(2, 3), (torch.randn(2, 4), torch.randn(3, 4))
+        ),
+        ValueError,
+        r"c must have shape \(2, 4\) \(batch, hidden_size\)",
+        id="LSTMCell-c-shape",
+    ),
+    pytest.param(
+        lambda: LSTMCell(3, 4)(torch.randn(3), (torch.randn(1, 4), torch.randn(1, 4))),
+        ValueError,
+        r"h must have shape \(4,\)",
+        id="LSTMCell-h-unbatched",
+    ),
+    pytest.param(
+        lambda: GRU(3, 4, batch_first=True)(torch.randn(2, 0, 3)),
+        ValueError,
+        "x must hold at least one time step",
+        id="GRU-batch-first-empty",
+    ),
+    pytest.param(
+        lambda: _deep("lstm")(_X, (_GOOD, torch.zeros(4, 2, 3))),
+        ValueError,
+        r"c0 must have shape \(4, 2, 4\)",
+        id="LSTM-c0-shape",
+    ),
+    pytest.param(
+        lambda: _deep("lstm")(_X, _GOOD),
+        TypeError,
+        r"state must be a tuple \(h0, c0\)",
+        id="LSTM-state-tensor",
+    ),
+    pytest.param(
+        lambda: _deep("lstm")(_X, (_GOOD, None)),
+        TypeError,
+        "c0 must be a torch.Tensor",
+        id="LSTM-c0-none",
+    ),
+    pytest.param(
+        lambda: init_forget_bias("lstm"),
+        TypeError,
+        "module must be an nn.Module, got str",
+        id="init_forget_bias-module",
+    ),
+    pytest.param(
+        lambda: init_forget_bias(GRU(2, 3)),
+        ValueError,
+        "module contains no LSTM or LSTMCell",
+        id="init_forget_bias-gru",
+    ),
+    pytest.param(
+        lambda: init_forget_bias(LSTM(2, 3), "1"),
+        TypeError,
+        "value must be a number",
+        id="init_forget_bias-value",
+    ),
+    pytest.param(
+        lambda: init_forget_bias(LSTM(2, 3), float("inf")),
+        ValueError,
+        "value must be finite",
+        id="init_forget_bias-inf",
+    ),
+    pytest.param(
+        lambda: chrono_init(None, 10),
+        TypeError,
+        "module must be an nn.Module",
+        id="chrono_init-module",
+    ),
+    pytest.param(
+        lambda: chrono_init(nn.Linear(2, 3), 10),
+        ValueError,
+        "module contains no LSTM or GRU",
+        id="chrono_init-linear",
+    ),
+    pytest.param(
+        lambda: chrono_init(LSTM(2, 3), 2),
+        ValueError,
+        "max_delay must be at least 3, got 2",
+        id="chrono_init-max_delay",
+    ),
+    pytest.param(
+        lambda: chrono_init(LSTM(2, 3), 10.0),
+        TypeError,
+        "max_delay must be an int",
+        id="chrono_init-max_delay-float",
+    ),
+    pytest.param(
+        lambda: recall_task(0, 5),
+        ValueError,
+        "n must be positive, got 0",
+        id="recall_task-n",
+    ),
+    pytest.param(
+        lambda: recall_task(4, 0),
+        ValueError,
+        "delay must be positive, got 0",
+        id="recall_task-delay",
+    ),
+    pytest.param(
+        lambda: recall_task(4, 5, 1),
+        ValueError,
+        "n_symbols must be at least 2, got 1",
+        id="recall_task-n_symbols",
+    ),
+    pytest.param(
+        lambda: recall_task(4, 2.5),
+        TypeError,
+        "delay must be an int",
+        id="recall_task-delay-float",
+    ),
+    pytest.param(
+        lambda: SequenceClassifier("transformer", 3, 4, 2),
+        ValueError,
+        r"kind must be one of \('lstm', 'gru', 'rnn'\)",
+        id="SequenceClassifier-kind",
+    ),
+    pytest.param(
+        lambda: SequenceClassifier("gru", 3, 4, 0),
+        ValueError,
+        "n_classes must be positive",
+        id="SequenceClassifier-n_classes",
+    ),
+    pytest.param(
+        lambda: SequenceClassifier("gru", 3, 4, 2)(torch.randn(5, 3)),
+        ValueError,
+        "x must have 3 dimensions",
+        id="SequenceClassifier-x-2d",
+    ),
+    pytest.param(
+        lambda: SequenceClassifier("gru", 3, 4, 2)(
+            torch.ones(2, 5, 3, dtype=torch.long)
+        ),
+        TypeError,
+        "x must be a floating-point tensor",
+        id="SequenceClassifier-x-long",
+    ),
+]
 
 
-def test_batch_first_empty_sequences_are_rejected():
-    layer = GRU(3, 4, batch_first=True)
-    with pytest.raises(ValueError, match="at least one time step"):
-        layer(torch.randn(2, 0, 3))
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
-@pytest.mark.parametrize("kind", list(PAIRS))
-def test_layers_reject_initial_states_of_the_wrong_size(kind):
-    layer = PAIRS[kind][0](3, 4, num_layers=2, bidirectional=True)
-    x = torch.randn(5, 2, 3)
-    good = torch.zeros(4, 2, 4)
-    message = (
-        r"h0 must have shape \(4, 2, 4\) \(num_layers \* num_directions, batch, "
-        r"hidden_size\), got \(4, 2, 5\)"
-    )
-    bad = torch.zeros(4, 2, 5)  # a mismatched hidden size
-    with pytest.raises(ValueError, match=message):
-        layer(x, (bad, good) if kind == "lstm" else bad)
-    bad = torch.zeros(2, 2, 4)  # forgot the directions
-    with pytest.raises(ValueError, match=r"h0 must have shape \(4, 2, 4\)"):
-        layer(x, (bad, good) if kind == "lstm" else bad)
-    with pytest.raises(ValueError, match=r"must have shape \(4, 4\) \(num_layers"):
-        layer(torch.randn(5, 3), (good, good) if kind == "lstm" else good)
-    with pytest.raises(TypeError, match="h0 must have the dtype and device of x"):
-        half = good.double()
-        layer(x, (half, good) if kind == "lstm" else half)
-    if kind == "lstm":
-        with pytest.raises(ValueError, match=r"c0 must have shape \(4, 2, 4\)"):
-            layer(x, (good, torch.zeros(4, 2, 3)))
-        with pytest.raises(TypeError, match=r"state must be a tuple \(h0, c0\)"):
-            layer(x, good)
-        with pytest.raises(TypeError, match="c0 must be a torch.Tensor"):
-            layer(x, (good, None))
-
-
-@pytest.mark.parametrize("kind", list(PAIRS))
-def test_layers_reject_bad_lengths(kind):
-    layer = PAIRS[kind][0](3, 4)
-    x = torch.randn(5, 2, 3)
-    with pytest.raises(TypeError, match="lengths must be a torch.Tensor, got list"):
-        layer(x, None, [5, 3])
-    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
-        layer(x, None, torch.tensor([5.0, 3.0]))
-    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
-        layer(x, None, torch.tensor([True, True]))
-    with pytest.raises(ValueError, match=r"lengths must have 1 dimensions"):
-        layer(x, None, torch.tensor([[5, 3]]))
-    with pytest.raises(
-        ValueError, match=r"one entry per sequence \(2\), got shape \(3,\)"
-    ):
-        layer(x, None, torch.tensor([5, 3, 1]))
-    with pytest.raises(ValueError, match=r"every sequence must be non-empty.*\[5, 0\]"):
-        layer(x, None, torch.tensor([5, 0]))
-    with pytest.raises(ValueError, match=r"at most the number of time steps \(5\)"):
-        layer(x, None, torch.tensor([6, 3]))
-    with pytest.raises(ValueError, match="lengths needs batched input"):
-        layer(torch.randn(5, 3), None, torch.tensor([5]))
-    with pytest.raises(TypeError, match="return_gates must be a bool, got str"):
-        layer(x, return_gates="yes")
-
-
-@pytest.mark.parametrize("cls", [LSTM, GRU, LSTMCell, GRUCell])
-def test_constructors_reject_bad_sizes_and_flags(cls):
-    with pytest.raises(ValueError, match="input_size must be positive, got 0"):
-        cls(0, 4)
-    with pytest.raises(ValueError, match="hidden_size must be positive, got -1"):
-        cls(3, -1)
-    with pytest.raises(TypeError, match="hidden_size must be an int, got float"):
-        cls(3, 4.0)
-    with pytest.raises(TypeError, match="bias must be a bool, got int"):
-        cls(3, 4, bias=1)
-    if cls in (LSTM, GRU):
-        with pytest.raises(ValueError, match="num_layers must be positive, got 0"):
-            cls(3, 4, num_layers=0)
-        with pytest.raises(TypeError, match="batch_first must be a bool, got str"):
-            cls(3, 4, batch_first="yes")
-        with pytest.raises(TypeError, match="bidirectional must be a bool"):
-            cls(3, 4, bidirectional=None)
-
-
-def test_initialisations_reject_bad_arguments():
-    with pytest.raises(TypeError, match="module must be an nn.Module, got str"):
-        init_forget_bias("lstm")
-    with pytest.raises(ValueError, match="contains no LSTM or LSTMCell"):
-        init_forget_bias(GRU(2, 3))
-    with pytest.raises(TypeError, match="value must be a number"):
-        init_forget_bias(LSTM(2, 3), "1")
-    with pytest.raises(ValueError, match="value must be finite"):
-        init_forget_bias(LSTM(2, 3), float("inf"))
-    with pytest.raises(TypeError, match="module must be an nn.Module"):
-        chrono_init(None, 10)
-    with pytest.raises(ValueError, match="contains no LSTM or GRU"):
-        chrono_init(nn.Linear(2, 3), 10)
-    with pytest.raises(ValueError, match="max_delay must be at least 3, got 2"):
-        chrono_init(LSTM(2, 3), 2)
-    with pytest.raises(TypeError, match="max_delay must be an int"):
-        chrono_init(LSTM(2, 3), 10.0)
-
-
-def test_recall_task_and_classifier_reject_bad_arguments():
-    with pytest.raises(ValueError, match="n must be positive, got 0"):
-        recall_task(0, 5)
-    with pytest.raises(ValueError, match="delay must be positive, got 0"):
-        recall_task(4, 0)
-    with pytest.raises(ValueError, match="n_symbols must be at least 2, got 1"):
-        recall_task(4, 5, 1)
-    with pytest.raises(TypeError, match="delay must be an int"):
-        recall_task(4, 2.5)
-    with pytest.raises(
-        ValueError, match=r"kind must be one of \('lstm', 'gru', 'rnn'\)"
-    ):
-        SequenceClassifier("transformer", 3, 4, 2)
-    with pytest.raises(ValueError, match="n_classes must be positive"):
-        SequenceClassifier("gru", 3, 4, 0)
-    model = SequenceClassifier("gru", 3, 4, 2)
-    with pytest.raises(ValueError, match="x must have 3 dimensions"):
-        model(torch.randn(5, 3))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        model(torch.ones(2, 5, 3, dtype=torch.long))
+def test_lengths_on_another_device_skip_the_value_checks():
+    """Value checks of ``lengths`` would sync a GPU; only the CPU gets them."""
+    layer = GRU(3, 4)
+    lengths = torch.tensor([5, 3], device="meta")
+    assert layer._check_lengths(lengths, 2, 5) is lengths

@@ -451,194 +451,416 @@ def test_draw_unrolled_draws_every_node_and_arrow(steps, backward):
 # --------------------------------------------------------------------- bad input
 
 
-def test_constructor_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="input_size must be positive, got 0"):
-        RNN(0, 3)
-    with pytest.raises(ValueError, match="hidden_size must be positive, got -1"):
-        RNN(2, -1)
-    with pytest.raises(TypeError, match="num_layers must be an int, got float"):
-        RNN(2, 3, 2.0)
-    with pytest.raises(ValueError, match=r"nonlinearity must be one of \('tanh', "):
-        RNN(2, 3, nonlinearity="sigmoid")
-    with pytest.raises(TypeError, match="batch_first must be a bool, got int"):
-        RNN(2, 3, batch_first=1)
-    with pytest.raises(TypeError, match="bias must be a bool, got str"):
-        RNN(2, 3, bias="yes")
-
-
-def test_forward_rejects_wrong_sequence_shapes():
+def _forwarded() -> RNN:
+    """A two-layer RNN after a forward pass, ready for a backward one."""
     ours = RNN(3, 4, 2)
-    with pytest.raises(TypeError, match="x must be a NumPy array, got list"):
-        ours.forward([[0.0, 0.0, 0.0]])
-    with pytest.raises(TypeError, match="x must be a floating-point array"):
-        ours.forward(np.ones((2, 1, 3), dtype=np.int64))
-    with pytest.raises(
-        ValueError, match=r"x must have shape \(T, N, 3\) or, unbatched, \(T, 3\); "
-    ):
-        ours.forward(np.ones((5, 2, 4)))  # wrong number of features
-    with pytest.raises(ValueError, match=r"got \(5,\)"):
-        ours.forward(np.ones(5))
-    with pytest.raises(ValueError, match=r"x must have shape .*got \(1, 5, 2, 3\)"):
-        ours.forward(np.ones((1, 5, 2, 3)))
-    batch_first = RNN(3, 4, batch_first=True)
-    with pytest.raises(ValueError, match=r"x must have shape \(N, T, 3\)"):
-        batch_first.forward(np.ones((2, 5, 2)))
-
-
-def test_forward_rejects_empty_sequences_and_batches():
-    ours = RNN(3, 4)
-    with pytest.raises(ValueError, match=r"x is an empty sequence \(no time step\)"):
-        ours.forward(np.ones((0, 2, 3)))
-    with pytest.raises(ValueError, match="x is an empty sequence"):
-        ours.forward(np.ones((0, 3)))  # unbatched
-    with pytest.raises(ValueError, match=r"x is an empty batch \(no sequence\)"):
-        ours.forward(np.ones((4, 0, 3)))
-    with pytest.raises(ValueError, match="x is an empty sequence"):
-        RNN(3, 4, batch_first=True).forward(np.ones((2, 0, 3)))
-
-
-def test_forward_rejects_a_mismatched_initial_state():
-    ours = RNN(3, 4, 2)
-    x = np.ones((5, 2, 3))
-    with pytest.raises(
-        ValueError,
-        match=r"h_0 must have shape \(2, 2, 4\) \(num_layers, batch, hidden_size\), "
-        r"got \(2, 2, 5\)",
-    ):
-        ours.forward(x, np.zeros((2, 2, 5)))  # wrong hidden size
-    with pytest.raises(ValueError, match=r"h_0 must have shape \(2, 2, 4\)"):
-        ours.forward(x, np.zeros((1, 2, 4)))  # wrong number of layers
-    with pytest.raises(ValueError, match=r"h_0 must have shape \(2, 2, 4\)"):
-        ours.forward(x, np.zeros((2, 3, 4)))  # wrong batch
-    with pytest.raises(
-        ValueError, match=r"h_0 must have shape \(2, 4\) \(num_layers, hidden_size\)"
-    ):
-        ours.forward(np.ones((5, 3)), np.zeros((2, 1, 4)))  # unbatched x
-    with pytest.raises(TypeError, match="h_0 must be a NumPy array"):
-        ours.forward(x, torch.zeros(2, 2, 4))
-
-
-def test_backward_rejects_bad_gradients_and_a_missing_forward():
-    ours = RNN(3, 4, 2)
-    with pytest.raises(RuntimeError, match="backward needs a forward pass first"):
-        ours.backward(np.ones((5, 2, 4)))
     ours.forward(np.ones((5, 2, 3)))
-    with pytest.raises(
-        ValueError,
-        match=r"grad_output must have the shape of output, \(5, 2, 4\), "
-        r"got \(5, 2, 3\)",
-    ):
-        ours.backward(np.ones((5, 2, 3)))
-    with pytest.raises(ValueError, match=r"grad_h_n must have shape \(2, 2, 4\)"):
-        ours.backward(np.ones((5, 2, 4)), np.ones((1, 2, 4)))
-    with pytest.raises(TypeError, match="grad_output must be a floating-point array"):
-        ours.backward(np.ones((5, 2, 4), dtype=int))
+    return ours
 
 
-def test_load_state_dict_rejects_a_state_that_does_not_fit():
-    ours = RNN(3, 4, 2)
-    with pytest.raises(KeyError, match=r"missing \['bias_hh_l1', 'bias_ih_l1', "):
-        ours.load_state_dict(nn.RNN(3, 4, 1).state_dict())
-    with pytest.raises(
-        KeyError,
-        match=r"missing \[\], unexpected \['bias_hh_l2', 'bias_ih_l2', 'weight_hh_l2'",
-    ):
-        ours.load_state_dict(nn.RNN(3, 4, 3).state_dict())
-    with pytest.raises(
-        ValueError,
-        match=r"state\['weight_ih_l0'\] must have shape \(4, 3\), got \(5, 3\)",
-    ):
-        ours.load_state_dict(nn.RNN(3, 5, 2).state_dict())  # mismatched hidden size
-    with pytest.raises(TypeError, match="state must be a mapping, got list"):
-        ours.load_state_dict([1, 2])
-    with pytest.raises(KeyError, match=r"unexpected \['bias_hh_l0'"):
-        RNN(3, 4, bias=False).load_state_dict(nn.RNN(3, 4).state_dict())
-
-
-def test_clip_gradients_rejects_bad_input():
-    with pytest.raises(TypeError, match="grads must be a list of arrays, got ndarray"):
-        clip_gradients(np.ones(3), 1.0)
-    with pytest.raises(TypeError, match=r"grads\[1\] must be a NumPy array"):
-        clip_gradients([np.ones(3), [1.0]], 1.0)
-    with pytest.raises(TypeError, match=r"grads\[0\] must be a floating-point array"):
-        clip_gradients([np.ones(3, dtype=int)], 1.0)
+def _frozen() -> np.ndarray:
     frozen = np.ones(3)
     frozen.flags.writeable = False
-    with pytest.raises(ValueError, match=r"grads\[0\] must be writeable"):
-        clip_gradients([frozen], 1.0)
-    with pytest.raises(ValueError, match=r"max_norm must be in \(0, inf\)"):
-        clip_gradients([np.ones(3)], 0.0)
+    return frozen
 
 
-def test_train_tbptt_rejects_bad_input():
-    x, y = np.ones((6, 2, 1)), np.zeros((6, 2), dtype=int)
-    ours, head = RNN(1, 4), Dense(4, 2, np.random.default_rng(0))
-    with pytest.raises(
-        TypeError, match=r"model must be the NumPy RNN .* got torch\.nn\.modules"
-    ):
-        train_tbptt(nn.RNN(1, 4), head, x, y, chunk_length=2, lr=0.1)
-    with pytest.raises(ValueError, match="time-major model"):
-        train_tbptt(RNN(1, 4, batch_first=True), head, x, y, chunk_length=2, lr=0.1)
-    with pytest.raises(TypeError, match="head must be a Dense layer, got Linear"):
-        train_tbptt(ours, nn.Linear(4, 2), x, y, chunk_length=2, lr=0.1)
-    with pytest.raises(ValueError, match="head must take the 4 hidden units, takes 5"):
-        train_tbptt(
-            ours, Dense(5, 2, np.random.default_rng(0)), x, y, chunk_length=2, lr=0.1
-        )
-    with pytest.raises(
-        ValueError, match=r"x must have 3 dimensions, got shape \(6, 2\)"
-    ):
-        train_tbptt(ours, head, x[..., 0], y, chunk_length=2, lr=0.1)
-    with pytest.raises(ValueError, match="x must hold at least one step"):
-        train_tbptt(ours, head, x[:0], y[:0], chunk_length=2, lr=0.1)
-    with pytest.raises(ValueError, match=r"y must be integers of shape \(6, 2\), got"):
-        train_tbptt(ours, head, x, y[:5], chunk_length=2, lr=0.1)
-    with pytest.raises(ValueError, match="y must be integers"):
-        train_tbptt(ours, head, x, y.astype(float), chunk_length=2, lr=0.1)
-    with pytest.raises(ValueError, match="chunk_length must be positive, got 0"):
-        train_tbptt(ours, head, x, y, chunk_length=0, lr=0.1)
-    with pytest.raises(ValueError, match=r"lr must be in \(0, inf\)"):
-        train_tbptt(ours, head, x, y, chunk_length=2, lr=0.0)
-    with pytest.raises(ValueError, match=r"max_norm must be in \(0, inf\)"):
-        train_tbptt(ours, head, x, y, chunk_length=2, lr=0.1, max_norm=-1.0)
-    with pytest.raises(ValueError, match=r"labels must lie in 0..1"):
-        train_tbptt(ours, head, x, y + 2, chunk_length=2, lr=0.1)
-
-
-def test_delayed_sign_task_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="n_steps must be positive, got 0"):
-        delayed_sign_task(0, 2, 1)
-    with pytest.raises(TypeError, match="batch_size must be an int"):
-        delayed_sign_task(5, 2.0, 1)
-    with pytest.raises(ValueError, match="delay must be a non-negative int, got -1"):
-        delayed_sign_task(5, 2, -1)
-    with pytest.raises(ValueError, match="delay must be a non-negative int, got True"):
-        delayed_sign_task(5, 2, True)
-
-
-def test_set_spectral_radius_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"W must be square, got shape \(2, 3\)"):
-        set_spectral_radius(np.ones((2, 3)), 1.0)
-    with pytest.raises(ValueError, match=r"W must have 2 dimensions"):
-        set_spectral_radius(np.ones(3), 1.0)
-    with pytest.raises(ValueError, match="spectral radius 0"):
-        set_spectral_radius(np.array([[0.0, 1.0], [0.0, 0.0]]), 1.0)
-    with pytest.raises(ValueError, match=r"rho must be in \[0, inf\)"):
-        set_spectral_radius(np.eye(2), -0.5)
-    with pytest.raises(TypeError, match="rho must be a number"):
-        set_spectral_radius(np.eye(2), "1")
-
-
-def test_input_gradient_norms_and_draw_unrolled_reject_bad_input():
-    with pytest.raises(TypeError, match="model must be the NumPy RNN"):
-        input_gradient_norms(nn.RNN(2, 3), np.ones((4, 1, 2)))
-    with pytest.raises(ValueError, match="x is an empty sequence"):
-        input_gradient_norms(RNN(2, 3), np.ones((0, 1, 2)))
-    fig, ax = plt.subplots()
-    with pytest.raises(ValueError, match="steps must be positive, got 0"):
-        draw_unrolled(ax, steps=0)
-    with pytest.raises(TypeError, match="backward must be a bool"):
-        draw_unrolled(ax, backward="yes")
-    with pytest.raises(TypeError, match="ax must be a matplotlib Axes, got Figure"):
-        draw_unrolled(fig)
+def _closed_figure():
+    fig, _ = plt.subplots()
     plt.close(fig)
+    return fig
+
+
+_X, _Y = np.ones((6, 2, 1)), np.zeros((6, 2), dtype=int)
+
+
+def _head(n_in: int = 4) -> Dense:
+    return Dense(n_in, 2, np.random.default_rng(0))
+
+
+BAD_INPUT = [
+    pytest.param(
+        lambda: RNN(0, 3),
+        ValueError,
+        "input_size must be positive, got 0",
+        id="RNN-0",
+    ),
+    pytest.param(
+        lambda: RNN(2, -1),
+        ValueError,
+        "hidden_size must be positive, got -1",
+        id="RNN-1",
+    ),
+    pytest.param(
+        lambda: RNN(2, 3, 2.0),
+        TypeError,
+        "num_layers must be an int, got float",
+        id="RNN-2",
+    ),
+    pytest.param(
+        lambda: RNN(2, 3, nonlinearity="sigmoid"),
+        ValueError,
+        "nonlinearity must be one of \\('tanh', ",
+        id="RNN-3",
+    ),
+    pytest.param(
+        lambda: RNN(2, 3, batch_first=1),
+        TypeError,
+        "batch_first must be a bool, got int",
+        id="RNN-4",
+    ),
+    pytest.param(
+        lambda: RNN(2, 3, bias="yes"),
+        TypeError,
+        "bias must be a bool, got str",
+        id="RNN-5",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward([[0.0, 0.0, 0.0]]),
+        TypeError,
+        "x must be a NumPy array, got list",
+        id="forward-0",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones((2, 1, 3), dtype=np.int64)),
+        TypeError,
+        "x must be a floating-point array",
+        id="forward-1",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones((5, 2, 4))),
+        ValueError,
+        "x must have shape \\(T, N, 3\\) or, unbatched, \\(T, 3\\); ",
+        id="forward-2",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones(5)),
+        ValueError,
+        r"x must have shape .*got \(5,\)",
+        id="forward-3",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones((1, 5, 2, 3))),
+        ValueError,
+        "x must have shape .*got \\(1, 5, 2, 3\\)",
+        id="forward-4",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, batch_first=True).forward(np.ones((2, 5, 2))),
+        ValueError,
+        "x must have shape \\(N, T, 3\\)",
+        id="forward-5",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4).forward(np.ones((0, 2, 3))),
+        ValueError,
+        "x is an empty sequence \\(no time step\\)",
+        id="forward-empty-0",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4).forward(np.ones((0, 3))),
+        ValueError,
+        "x is an empty sequence",
+        id="forward-empty-1",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4).forward(np.ones((4, 0, 3))),
+        ValueError,
+        "x is an empty batch \\(no sequence\\)",
+        id="forward-empty-2",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, batch_first=True).forward(np.ones((2, 0, 3))),
+        ValueError,
+        "x is an empty sequence",
+        id="forward-empty-3",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones((5, 2, 3)), np.zeros((2, 2, 5))),
+        ValueError,
+        "h_0 must have shape \\(2, 2, 4\\) \\(num_layers, batch, hidden_size\\), got \\(2, 2, 5\\)",
+        id="h_0-0",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones((5, 2, 3)), np.zeros((1, 2, 4))),
+        ValueError,
+        "h_0 must have shape \\(2, 2, 4\\)",
+        id="h_0-1",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones((5, 2, 3)), np.zeros((2, 3, 4))),
+        ValueError,
+        "h_0 must have shape \\(2, 2, 4\\)",
+        id="h_0-2",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones((5, 3)), np.zeros((2, 1, 4))),
+        ValueError,
+        "h_0 must have shape \\(2, 4\\) \\(num_layers, hidden_size\\)",
+        id="h_0-3",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).forward(np.ones((5, 2, 3)), torch.zeros(2, 2, 4)),
+        TypeError,
+        "h_0 must be a NumPy array",
+        id="h_0-4",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).backward(np.ones((5, 2, 4))),
+        RuntimeError,
+        "backward needs a forward pass first",
+        id="backward-0",
+    ),
+    pytest.param(
+        lambda: _forwarded().backward(np.ones((5, 2, 3))),
+        ValueError,
+        "grad_output must have the shape of output, \\(5, 2, 4\\), got \\(5, 2, 3\\)",
+        id="backward-1",
+    ),
+    pytest.param(
+        lambda: _forwarded().backward(np.ones((5, 2, 4)), np.ones((1, 2, 4))),
+        ValueError,
+        "grad_h_n must have shape \\(2, 2, 4\\)",
+        id="backward-2",
+    ),
+    pytest.param(
+        lambda: _forwarded().backward(np.ones((5, 2, 4), dtype=int)),
+        TypeError,
+        "grad_output must be a floating-point array",
+        id="backward-3",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).load_state_dict(nn.RNN(3, 4, 1).state_dict()),
+        KeyError,
+        "missing \\['bias_hh_l1', 'bias_ih_l1', ",
+        id="load_state_dict-0",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).load_state_dict(nn.RNN(3, 4, 3).state_dict()),
+        KeyError,
+        "missing \\[\\], unexpected \\['bias_hh_l2', 'bias_ih_l2', 'weight_hh_l2'",
+        id="load_state_dict-1",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).load_state_dict(nn.RNN(3, 5, 2).state_dict()),
+        ValueError,
+        "state\\['weight_ih_l0'\\] must have shape \\(4, 3\\), got \\(5, 3\\)",
+        id="load_state_dict-2",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, 2).load_state_dict([1, 2]),
+        TypeError,
+        "state must be a mapping, got list",
+        id="load_state_dict-3",
+    ),
+    pytest.param(
+        lambda: RNN(3, 4, bias=False).load_state_dict(nn.RNN(3, 4).state_dict()),
+        KeyError,
+        "unexpected \\['bias_hh_l0'",
+        id="load_state_dict-4",
+    ),
+    pytest.param(
+        lambda: clip_gradients(np.ones(3), 1.0),
+        TypeError,
+        "grads must be a list of arrays, got ndarray",
+        id="clip_gradients-0",
+    ),
+    pytest.param(
+        lambda: clip_gradients([np.ones(3), [1.0]], 1.0),
+        TypeError,
+        "grads\\[1\\] must be a NumPy array",
+        id="clip_gradients-1",
+    ),
+    pytest.param(
+        lambda: clip_gradients([np.ones(3, dtype=int)], 1.0),
+        TypeError,
+        "grads\\[0\\] must be a floating-point array",
+        id="clip_gradients-2",
+    ),
+    pytest.param(
+        lambda: clip_gradients([_frozen()], 1.0),
+        ValueError,
+        "grads\\[0\\] must be writeable",
+        id="clip_gradients-3",
+    ),
+    pytest.param(
+        lambda: clip_gradients([np.ones(3)], 0.0),
+        ValueError,
+        "max_norm must be in \\(0, inf\\)",
+        id="clip_gradients-4",
+    ),
+    pytest.param(
+        lambda: train_tbptt(nn.RNN(1, 4), _head(), _X, _Y, chunk_length=2, lr=0.1),
+        TypeError,
+        "model must be the NumPy RNN .* got torch\\.nn\\.modules",
+        id="train_tbptt-0",
+    ),
+    pytest.param(
+        lambda: train_tbptt(
+            RNN(1, 4, batch_first=True), _head(), _X, _Y, chunk_length=2, lr=0.1
+        ),
+        ValueError,
+        "time-major model",
+        id="train_tbptt-1",
+    ),
+    pytest.param(
+        lambda: train_tbptt(RNN(1, 4), nn.Linear(4, 2), _X, _Y, chunk_length=2, lr=0.1),
+        TypeError,
+        "head must be a Dense layer, got Linear",
+        id="train_tbptt-2",
+    ),
+    pytest.param(
+        lambda: train_tbptt(
+            RNN(1, 4),
+            Dense(5, 2, np.random.default_rng(0)),
+            _X,
+            _Y,
+            chunk_length=2,
+            lr=0.1,
+        ),
+        ValueError,
+        "head must take the 4 hidden units, takes 5",
+        id="train_tbptt-3",
+    ),
+    pytest.param(
+        lambda: train_tbptt(RNN(1, 4), _head(), _X[..., 0], _Y, chunk_length=2, lr=0.1),
+        ValueError,
+        "x must have 3 dimensions, got shape \\(6, 2\\)",
+        id="train_tbptt-4",
+    ),
+    pytest.param(
+        lambda: train_tbptt(RNN(1, 4), _head(), _X[:0], _Y[:0], chunk_length=2, lr=0.1),
+        ValueError,
+        "x must hold at least one step",
+        id="train_tbptt-5",
+    ),
+    pytest.param(
+        lambda: train_tbptt(RNN(1, 4), _head(), _X, _Y[:5], chunk_length=2, lr=0.1),
+        ValueError,
+        "y must be integers of shape \\(6, 2\\), got",
+        id="train_tbptt-6",
+    ),
+    pytest.param(
+        lambda: train_tbptt(
+            RNN(1, 4), _head(), _X, _Y.astype(float), chunk_length=2, lr=0.1
+        ),
+        ValueError,
+        "y must be integers",
+        id="train_tbptt-7",
+    ),
+    pytest.param(
+        lambda: train_tbptt(RNN(1, 4), _head(), _X, _Y, chunk_length=0, lr=0.1),
+        ValueError,
+        "chunk_length must be positive, got 0",
+        id="train_tbptt-8",
+    ),
+    pytest.param(
+        lambda: train_tbptt(RNN(1, 4), _head(), _X, _Y, chunk_length=2, lr=0.0),
+        ValueError,
+        "lr must be in \\(0, inf\\)",
+        id="train_tbptt-9",
+    ),
+    pytest.param(
+        lambda: train_tbptt(
+            RNN(1, 4), _head(), _X, _Y, chunk_length=2, lr=0.1, max_norm=-1.0
+        ),
+        ValueError,
+        "max_norm must be in \\(0, inf\\)",
+        id="train_tbptt-10",
+    ),
+    pytest.param(
+        lambda: train_tbptt(RNN(1, 4), _head(), _X, _Y + 2, chunk_length=2, lr=0.1),
+        ValueError,
+        "labels must lie in 0..1",
+        id="train_tbptt-11",
+    ),
+    pytest.param(
+        lambda: delayed_sign_task(0, 2, 1),
+        ValueError,
+        "n_steps must be positive, got 0",
+        id="delayed_sign_task-0",
+    ),
+    pytest.param(
+        lambda: delayed_sign_task(5, 2.0, 1),
+        TypeError,
+        "batch_size must be an int",
+        id="delayed_sign_task-1",
+    ),
+    pytest.param(
+        lambda: delayed_sign_task(5, 2, -1),
+        ValueError,
+        "delay must be a non-negative int, got -1",
+        id="delayed_sign_task-2",
+    ),
+    pytest.param(
+        lambda: delayed_sign_task(5, 2, True),
+        ValueError,
+        "delay must be a non-negative int, got True",
+        id="delayed_sign_task-3",
+    ),
+    pytest.param(
+        lambda: set_spectral_radius(np.ones((2, 3)), 1.0),
+        ValueError,
+        "W must be square, got shape \\(2, 3\\)",
+        id="set_spectral_radius-0",
+    ),
+    pytest.param(
+        lambda: set_spectral_radius(np.ones(3), 1.0),
+        ValueError,
+        "W must have 2 dimensions",
+        id="set_spectral_radius-1",
+    ),
+    pytest.param(
+        lambda: set_spectral_radius(np.array([[0.0, 1.0], [0.0, 0.0]]), 1.0),
+        ValueError,
+        "W has spectral radius 0",
+        id="set_spectral_radius-2",
+    ),
+    pytest.param(
+        lambda: set_spectral_radius(np.eye(2), -0.5),
+        ValueError,
+        "rho must be in \\[0, inf\\)",
+        id="set_spectral_radius-3",
+    ),
+    pytest.param(
+        lambda: set_spectral_radius(np.eye(2), "1"),
+        TypeError,
+        "rho must be a number",
+        id="set_spectral_radius-4",
+    ),
+    pytest.param(
+        lambda: input_gradient_norms(nn.RNN(2, 3), np.ones((4, 1, 2))),
+        TypeError,
+        "model must be the NumPy RNN",
+        id="gradient_norms_draw-0",
+    ),
+    pytest.param(
+        lambda: input_gradient_norms(RNN(2, 3), np.ones((0, 1, 2))),
+        ValueError,
+        "x is an empty sequence",
+        id="gradient_norms_draw-1",
+    ),
+    pytest.param(
+        lambda: draw_unrolled(_closed_figure().axes[0], steps=0),
+        ValueError,
+        "steps must be positive, got 0",
+        id="gradient_norms_draw-2",
+    ),
+    pytest.param(
+        lambda: draw_unrolled(_closed_figure().axes[0], backward="yes"),
+        TypeError,
+        "backward must be a bool",
+        id="gradient_norms_draw-3",
+    ),
+    pytest.param(
+        lambda: draw_unrolled(_closed_figure()),
+        TypeError,
+        "ax must be a matplotlib Axes, got Figure",
+        id="gradient_norms_draw-4",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

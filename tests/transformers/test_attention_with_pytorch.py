@@ -169,41 +169,6 @@ def test_key_mask_matches_torch():
     torch.testing.assert_close(weights, ref_weights, **F64)
 
 
-def test_multi_head_attention_rejects_bad_input():
-    with pytest.raises(ValueError, match="d_model=10 is not divisible by n_heads=4"):
-        MultiHeadAttention(10, 4)
-    with pytest.raises(ValueError, match="n_heads must be positive"):
-        MultiHeadAttention(8, 0)
-    with pytest.raises(TypeError, match="d_model must be an int"):
-        MultiHeadAttention(8.0, 2)
-    mha = MultiHeadAttention(8, 2)
-    x = torch.randn(2, 5, 8)
-    with pytest.raises(ValueError, match="query must have 3 dimensions"):
-        mha(x[0])
-    with pytest.raises(TypeError, match="query must be a torch.Tensor"):
-        mha(x.tolist())
-    with pytest.raises(TypeError, match="key must be a floating-point tensor"):
-        mha(x, x.long())
-    with pytest.raises(ValueError, match="query must end in d_model=8"):
-        mha(torch.randn(2, 5, 6))
-    with pytest.raises(ValueError, match="value must end in d_model=8"):
-        mha(x, x, torch.randn(2, 5, 4))
-    with pytest.raises(ValueError, match="must share the batch size"):
-        mha(x, torch.randn(3, 5, 8))
-    with pytest.raises(ValueError, match="must share the batch size"):
-        mha(x, torch.randn(2, 4, 8), torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match="must share the batch size"):
-        mha(x, torch.randn(2, 5, 8), torch.randn(1, 5, 8))
-    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
-        mha(x, mask=torch.ones(5, 5))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        mha(x, mask=torch.ones(4, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"mask must broadcast to \(batch, T_q, T_k\)"):
-        mha(x, mask=torch.ones(2, 2, 5, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="hides every key"):
-        mha(x, mask=torch.zeros(5, 5, dtype=torch.bool))
-
-
 # --------------------------------------------------------------------------------------------
 # to_torch / from_torch
 
@@ -264,19 +229,6 @@ def test_to_torch_packs_rows_in_q_k_v_order():
     assert torch.equal(ref.out_proj.weight, ours.W_o.weight)
 
 
-def test_from_torch_rejects_unsupported_modules():
-    with pytest.raises(ValueError, match="without kdim/vdim"):
-        from_torch(nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True))
-    with pytest.raises(ValueError, match="add_bias_kv"):
-        from_torch(nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True))
-    with pytest.raises(ValueError, match="dropout"):
-        from_torch(nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True))
-    with pytest.raises(TypeError, match="from_torch expects an nn.MultiheadAttention"):
-        from_torch(MultiHeadAttention(8, 2))
-    with pytest.raises(TypeError, match="to_torch expects a MultiHeadAttention"):
-        to_torch(nn.MultiheadAttention(8, 2))
-
-
 # --------------------------------------------------------------------------------------------
 # parameter count
 
@@ -291,13 +243,6 @@ def test_parameter_count(d_model, n_heads, bias):
     assert mha_parameter_count(d_model, bias=bias) == sum(
         p.numel() for p in ref.parameters()
     )
-
-
-def test_parameter_count_rejects_bad_input():
-    with pytest.raises(ValueError, match="d_model must be positive"):
-        mha_parameter_count(0)
-    with pytest.raises(TypeError, match="d_model must be an int"):
-        mha_parameter_count(8.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,17 +267,6 @@ def test_reverse_task_is_reproducible():
     assert not torch.equal(a[0], c[0])
 
 
-def test_reverse_task_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="n must be positive"):
-        reverse_task(0, 5, 4)
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        reverse_task(3, 0, 4)
-    with pytest.raises(TypeError, match="vocab_size must be an int"):
-        reverse_task(3, 5, 4.0)
-    with pytest.raises(TypeError, match="n must be an int"):
-        reverse_task(True, 5, 4)
-
-
 def test_reverse_model_shapes():
     model = ReverseModel(vocab_size=7, seq_len=5, d_model=8, n_heads=2)
     tokens, _ = reverse_task(3, 5, 7)
@@ -354,22 +288,6 @@ def test_reverse_model_matches_its_parts():
         logits, h @ model.readout.weight.T + model.readout.bias, **F64
     )
     torch.testing.assert_close(weights, ref_weights, **F64)
-
-
-def test_reverse_model_rejects_bad_input():
-    with pytest.raises(ValueError, match="vocab_size must be positive"):
-        ReverseModel(0, 5)
-    with pytest.raises(TypeError, match="seq_len must be an int"):
-        ReverseModel(4, 5.0)
-    with pytest.raises(ValueError, match="not divisible"):
-        ReverseModel(4, 5, d_model=10, n_heads=4)
-    model = ReverseModel(vocab_size=4, seq_len=5, d_model=8, n_heads=2)
-    with pytest.raises(TypeError, match="tokens must have dtype torch.int64"):
-        model(torch.zeros(2, 5))
-    with pytest.raises(ValueError, match="tokens must have length seq_len=5"):
-        model(torch.zeros(2, 6, dtype=torch.long))
-    with pytest.raises(ValueError, match="tokens must have 2 dimensions"):
-        model(torch.zeros(5, dtype=torch.long))
 
 
 def test_train_reverse_lowers_the_loss():
@@ -402,20 +320,6 @@ def test_train_reverse_first_loss_is_cross_entropy_of_the_first_batch():
     assert not torch.equal(model.readout.weight, untrained.readout.weight)
 
 
-def test_train_reverse_rejects_bad_arguments():
-    model = ReverseModel(vocab_size=4, seq_len=3, d_model=8, n_heads=2)
-    with pytest.raises(TypeError, match="train_reverse expects a ReverseModel"):
-        train_reverse(MultiHeadAttention(8, 2), 5)
-    with pytest.raises(ValueError, match="steps must be positive"):
-        train_reverse(model, 0)
-    with pytest.raises(ValueError, match="batch_size must be positive"):
-        train_reverse(model, 2, batch_size=0)
-    with pytest.raises(ValueError, match="lr must be positive"):
-        train_reverse(model, 2, lr=0.0)
-    with pytest.raises(ValueError, match="lr must be positive"):
-        train_reverse(model, 2, lr=-1e-3)
-
-
 def test_evaluate_reverse_matches_manual_computation():
     model = ReverseModel(vocab_size=3, seq_len=4, d_model=8, n_heads=2)
     train_reverse(
@@ -439,9 +343,302 @@ def test_evaluate_reverse_matches_manual_computation():
     assert not model.training
 
 
-def test_evaluate_reverse_rejects_bad_tokens():
+# --------------------------------------------------------------------------------------------
+# bad input: every public entry point names the argument it rejects
+
+
+def _bad_multi_head_attention():
+    mha = MultiHeadAttention(8, 2)
+    x = torch.randn(2, 5, 8)
+    return [
+        pytest.param(
+            lambda: MultiHeadAttention(10, 4),
+            ValueError,
+            "d_model=10 is not divisible by n_heads=4",
+            id="mha-0",
+        ),
+        pytest.param(
+            lambda: MultiHeadAttention(8, 0),
+            ValueError,
+            "n_heads must be positive",
+            id="mha-1",
+        ),
+        pytest.param(
+            lambda: MultiHeadAttention(8.0, 2),
+            TypeError,
+            "d_model must be an int",
+            id="mha-2",
+        ),
+        pytest.param(
+            lambda: mha(x[0]),
+            ValueError,
+            "query must have 3 dimensions",
+            id="mha-3",
+        ),
+        pytest.param(
+            lambda: mha(x.tolist()),
+            TypeError,
+            "query must be a torch.Tensor",
+            id="mha-4",
+        ),
+        pytest.param(
+            lambda: mha(x, x.long()),
+            TypeError,
+            "key must be a floating-point tensor",
+            id="mha-5",
+        ),
+        pytest.param(
+            lambda: mha(torch.randn(2, 5, 6)),
+            ValueError,
+            "query must end in d_model=8",
+            id="mha-6",
+        ),
+        pytest.param(
+            lambda: mha(x, x, torch.randn(2, 5, 4)),
+            ValueError,
+            "value must end in d_model=8",
+            id="mha-7",
+        ),
+        pytest.param(
+            lambda: mha(x, torch.randn(3, 5, 8)),
+            ValueError,
+            "must share the batch size",
+            id="mha-8",
+        ),
+        pytest.param(
+            lambda: mha(x, torch.randn(2, 4, 8), torch.randn(2, 5, 8)),
+            ValueError,
+            "must share the batch size",
+            id="mha-9",
+        ),
+        pytest.param(
+            lambda: mha(x, torch.randn(2, 5, 8), torch.randn(1, 5, 8)),
+            ValueError,
+            "must share the batch size",
+            id="mha-10",
+        ),
+        pytest.param(
+            lambda: mha(x, mask=torch.ones(5, 5)),
+            TypeError,
+            "mask must have dtype torch.bool",
+            id="mha-11",
+        ),
+        pytest.param(
+            lambda: mha(x, mask=torch.ones(4, 5, dtype=torch.bool)),
+            ValueError,
+            "does not broadcast",
+            id="mha-12",
+        ),
+        pytest.param(
+            lambda: mha(x, mask=torch.ones(2, 2, 5, 5, dtype=torch.bool)),
+            ValueError,
+            "mask must broadcast to \\(batch, T_q, T_k\\)",
+            id="mha-13",
+        ),
+        pytest.param(
+            lambda: mha(x, mask=torch.zeros(5, 5, dtype=torch.bool)),
+            ValueError,
+            "hides every key",
+            id="mha-14",
+        ),
+    ]
+
+
+def _bad_from_torch():
+    return [
+        pytest.param(
+            lambda: from_torch(
+                nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+            ),
+            ValueError,
+            "without kdim/vdim",
+            id="from_torch-0",
+        ),
+        pytest.param(
+            lambda: from_torch(
+                nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+            ),
+            ValueError,
+            "add_bias_kv",
+            id="from_torch-1",
+        ),
+        pytest.param(
+            lambda: from_torch(
+                nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
+            ),
+            ValueError,
+            "dropout",
+            id="from_torch-2",
+        ),
+        pytest.param(
+            lambda: from_torch(MultiHeadAttention(8, 2)),
+            TypeError,
+            "from_torch expects an nn.MultiheadAttention",
+            id="from_torch-3",
+        ),
+        pytest.param(
+            lambda: to_torch(nn.MultiheadAttention(8, 2)),
+            TypeError,
+            "to_torch expects a MultiHeadAttention",
+            id="from_torch-4",
+        ),
+    ]
+
+
+def _bad_parameter_count():
+    return [
+        pytest.param(
+            lambda: mha_parameter_count(0),
+            ValueError,
+            "d_model must be positive",
+            id="parameter_count-0",
+        ),
+        pytest.param(
+            lambda: mha_parameter_count(8.0),
+            TypeError,
+            "d_model must be an int",
+            id="parameter_count-1",
+        ),
+    ]
+
+
+def _bad_reverse_task():
+    return [
+        pytest.param(
+            lambda: reverse_task(0, 5, 4),
+            ValueError,
+            "n must be positive",
+            id="reverse_task-0",
+        ),
+        pytest.param(
+            lambda: reverse_task(3, 0, 4),
+            ValueError,
+            "seq_len must be positive",
+            id="reverse_task-1",
+        ),
+        pytest.param(
+            lambda: reverse_task(3, 5, 4.0),
+            TypeError,
+            "vocab_size must be an int",
+            id="reverse_task-2",
+        ),
+        pytest.param(
+            lambda: reverse_task(True, 5, 4),
+            TypeError,
+            "n must be an int",
+            id="reverse_task-3",
+        ),
+    ]
+
+
+def _bad_reverse_model():
+    model = ReverseModel(vocab_size=4, seq_len=5, d_model=8, n_heads=2)
+    return [
+        pytest.param(
+            lambda: ReverseModel(0, 5),
+            ValueError,
+            "vocab_size must be positive",
+            id="reverse_model-0",
+        ),
+        pytest.param(
+            lambda: ReverseModel(4, 5.0),
+            TypeError,
+            "seq_len must be an int",
+            id="reverse_model-1",
+        ),
+        pytest.param(
+            lambda: ReverseModel(4, 5, d_model=10, n_heads=4),
+            ValueError,
+            "not divisible",
+            id="reverse_model-2",
+        ),
+        pytest.param(
+            lambda: model(torch.zeros(2, 5)),
+            TypeError,
+            "tokens must have dtype torch.int64",
+            id="reverse_model-3",
+        ),
+        pytest.param(
+            lambda: model(torch.zeros(2, 6, dtype=torch.long)),
+            ValueError,
+            "tokens must have length seq_len=5",
+            id="reverse_model-4",
+        ),
+        pytest.param(
+            lambda: model(torch.zeros(5, dtype=torch.long)),
+            ValueError,
+            "tokens must have 2 dimensions",
+            id="reverse_model-5",
+        ),
+    ]
+
+
+def _bad_train_reverse():
+    model = ReverseModel(vocab_size=4, seq_len=3, d_model=8, n_heads=2)
+    return [
+        pytest.param(
+            lambda: train_reverse(MultiHeadAttention(8, 2), 5),
+            TypeError,
+            "train_reverse expects a ReverseModel",
+            id="train_reverse-0",
+        ),
+        pytest.param(
+            lambda: train_reverse(model, 0),
+            ValueError,
+            "steps must be positive",
+            id="train_reverse-1",
+        ),
+        pytest.param(
+            lambda: train_reverse(model, 2, batch_size=0),
+            ValueError,
+            "batch_size must be positive",
+            id="train_reverse-2",
+        ),
+        pytest.param(
+            lambda: train_reverse(model, 2, lr=0.0),
+            ValueError,
+            "lr must be positive",
+            id="train_reverse-3",
+        ),
+        pytest.param(
+            lambda: train_reverse(model, 2, lr=-0.001),
+            ValueError,
+            "lr must be positive",
+            id="train_reverse-4",
+        ),
+    ]
+
+
+def _bad_evaluate_reverse():
     model = ReverseModel(vocab_size=3, seq_len=4, d_model=8, n_heads=2)
-    with pytest.raises(TypeError, match="tokens must have dtype torch.int64"):
-        evaluate_reverse(model, torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="tokens must have length seq_len=4"):
-        evaluate_reverse(model, torch.zeros(2, 5, dtype=torch.long))
+    return [
+        pytest.param(
+            lambda: evaluate_reverse(model, torch.zeros(2, 4)),
+            TypeError,
+            "tokens must have dtype torch.int64",
+            id="evaluate_reverse-0",
+        ),
+        pytest.param(
+            lambda: evaluate_reverse(model, torch.zeros(2, 5, dtype=torch.long)),
+            ValueError,
+            "tokens must have length seq_len=4",
+            id="evaluate_reverse-1",
+        ),
+    ]
+
+
+BAD_INPUT = [
+    *_bad_multi_head_attention(),
+    *_bad_from_torch(),
+    *_bad_parameter_count(),
+    *_bad_reverse_task(),
+    *_bad_reverse_model(),
+    *_bad_train_reverse(),
+    *_bad_evaluate_reverse(),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

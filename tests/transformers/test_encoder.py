@@ -109,20 +109,6 @@ def test_feed_forward_drops_the_hidden_units_in_training():
     torch.testing.assert_close(ff(x), ref(x), **F64)
 
 
-def test_feed_forward_rejects_bad_input():
-    with pytest.raises(ValueError, match="d_ff must be positive"):
-        FeedForward(8, 0)
-    with pytest.raises(TypeError, match="d_model must be an int"):
-        FeedForward(8.0, 16)
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        FeedForward(8, 16, dropout=1.0)
-    ff = FeedForward(8, 16)
-    with pytest.raises(ValueError, match="x must end in d_model=8"):
-        ff(torch.randn(2, 3, 6))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        ff(torch.ones(2, 8, dtype=torch.long))
-
-
 # --------------------------------------------------------------------------------------
 # the layer, against nn.TransformerEncoderLayer
 
@@ -351,17 +337,6 @@ def test_parameter_count(n_layers, d_model, n_heads, d_ff, final_norm):
     assert formula == sum(p.numel() for p in ref.parameters())
 
 
-def test_parameter_count_rejects_bad_input():
-    with pytest.raises(ValueError, match="n_layers must be positive"):
-        encoder_parameter_count(0, 8, 16)
-    with pytest.raises(ValueError, match="d_ff must be positive"):
-        encoder_parameter_count(2, 8, -1)
-    with pytest.raises(TypeError, match="d_model must be an int"):
-        encoder_parameter_count(2, 8.0, 16)
-    with pytest.raises(TypeError, match="final_norm must be a bool"):
-        encoder_parameter_count(2, 8, 16, final_norm=1)
-
-
 # --------------------------------------------------------------------------------------
 # bad input
 
@@ -428,15 +403,6 @@ def test_layer_and_encoder_reject_bad_input(module):
         assert out.shape == x.shape
 
 
-def test_to_torch_rejects_what_torch_cannot_hold():
-    with pytest.raises(ValueError, match="always has residual connections"):
-        to_torch(EncoderLayer(8, 2, 16, residual=False))
-    with pytest.raises(ValueError, match="always has residual connections"):
-        to_torch(TransformerEncoder(2, 8, 2, 16, residual=False))
-    with pytest.raises(TypeError, match="to_torch expects an EncoderLayer or a"):
-        to_torch(nn.TransformerEncoderLayer(8, 2))
-
-
 # --------------------------------------------------------------------------------------
 # what the experiments measure
 
@@ -484,17 +450,6 @@ def test_mean_token_cosine_matches_pairwise_loop(batch, length, d):
     torch.testing.assert_close(mean_token_cosine(h), torch.stack(pairs).mean(), **F64)
 
 
-def test_mean_token_cosine_closed_forms():
-    same = torch.randn(2, 1, 6).expand(2, 4, 6)  # every position the same vector
-    torch.testing.assert_close(mean_token_cosine(same), torch.tensor(1.0))
-    orthogonal = torch.eye(4)[None]  # four orthogonal positions
-    torch.testing.assert_close(mean_token_cosine(orthogonal), torch.tensor(0.0))
-    with pytest.raises(ValueError, match="at least 2 positions"):
-        mean_token_cosine(torch.randn(2, 1, 4))
-    with pytest.raises(ValueError, match="h must have 3 dimensions"):
-        mean_token_cosine(torch.randn(4, 4))
-
-
 # --------------------------------------------------------------------------------------
 # the counting task
 
@@ -538,22 +493,6 @@ def test_counting_encoder_ignores_padding():
     logits_longer, _ = model(longer, lengths)
     real = padding_mask(lengths, 6)[:, 0]
     torch.testing.assert_close(logits_longer[:, :6][real], logits[real], **F32)
-
-
-def test_counting_encoder_rejects_bad_input():
-    model = CountingEncoder(4, max_len=6, d_model=8, n_heads=2, d_ff=16)
-    tokens = torch.full((2, 5), len(SPECIALS))
-    lengths = torch.tensor([5, 3])
-    with pytest.raises(TypeError, match="tokens must have dtype torch.int64"):
-        model(tokens.float(), lengths)
-    with pytest.raises(ValueError, match="at most max_len=6 positions"):
-        model(torch.full((2, 7), 3), lengths)
-    with pytest.raises(ValueError, match="one entry per sequence"):
-        model(tokens, torch.tensor([5]))
-    with pytest.raises(ValueError, match="lengths must lie in 1..5"):
-        model(tokens, torch.tensor([5, 0]))
-    with pytest.raises(ValueError, match="n_symbols must be positive"):
-        CountingEncoder(0, 6)
 
 
 def test_count_accuracy_and_baseline_match_counting_by_hand():
@@ -630,3 +569,169 @@ def test_counting_encoder_learns_with_train_steps():
     first = sum(history.step_loss[:5]) / 5
     last = sum(history.step_loss[-5:]) / 5
     assert last < 0.6 * first
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: every public entry point names the argument it rejects
+
+
+def _bad_feed_forward():
+    ff = FeedForward(8, 16)
+    return [
+        pytest.param(
+            lambda: FeedForward(8, 0),
+            ValueError,
+            "d_ff must be positive",
+            id="feed_forward-0",
+        ),
+        pytest.param(
+            lambda: FeedForward(8.0, 16),
+            TypeError,
+            "d_model must be an int",
+            id="feed_forward-1",
+        ),
+        pytest.param(
+            lambda: FeedForward(8, 16, dropout=1.0),
+            ValueError,
+            "dropout must be in \\[0, 1\\)",
+            id="feed_forward-2",
+        ),
+        pytest.param(
+            lambda: ff(torch.randn(2, 3, 6)),
+            ValueError,
+            "x must end in d_model=8",
+            id="feed_forward-3",
+        ),
+        pytest.param(
+            lambda: ff(torch.ones(2, 8, dtype=torch.long)),
+            TypeError,
+            "x must be a floating-point tensor",
+            id="feed_forward-4",
+        ),
+    ]
+
+
+def _bad_parameter_count():
+    return [
+        pytest.param(
+            lambda: encoder_parameter_count(0, 8, 16),
+            ValueError,
+            "n_layers must be positive",
+            id="parameter_count-0",
+        ),
+        pytest.param(
+            lambda: encoder_parameter_count(2, 8, -1),
+            ValueError,
+            "d_ff must be positive",
+            id="parameter_count-1",
+        ),
+        pytest.param(
+            lambda: encoder_parameter_count(2, 8.0, 16),
+            TypeError,
+            "d_model must be an int",
+            id="parameter_count-2",
+        ),
+        pytest.param(
+            lambda: encoder_parameter_count(2, 8, 16, final_norm=1),
+            TypeError,
+            "final_norm must be a bool",
+            id="parameter_count-3",
+        ),
+    ]
+
+
+def _bad_to_torch():
+    return [
+        pytest.param(
+            lambda: to_torch(EncoderLayer(8, 2, 16, residual=False)),
+            ValueError,
+            "always has residual connections",
+            id="to_torch-0",
+        ),
+        pytest.param(
+            lambda: to_torch(TransformerEncoder(2, 8, 2, 16, residual=False)),
+            ValueError,
+            "always has residual connections",
+            id="to_torch-1",
+        ),
+        pytest.param(
+            lambda: to_torch(nn.TransformerEncoderLayer(8, 2)),
+            TypeError,
+            "to_torch expects an EncoderLayer or a",
+            id="to_torch-2",
+        ),
+    ]
+
+
+def _bad_mean_token_cosine_closed_forms():
+    same = torch.randn(2, 1, 6).expand(2, 4, 6)
+    torch.testing.assert_close(mean_token_cosine(same), torch.tensor(1.0))
+    orthogonal = torch.eye(4)[None]
+    torch.testing.assert_close(mean_token_cosine(orthogonal), torch.tensor(0.0))
+    return [
+        pytest.param(
+            lambda: mean_token_cosine(torch.randn(2, 1, 4)),
+            ValueError,
+            "at least 2 positions",
+            id="mean_token_cosine_closed_forms-0",
+        ),
+        pytest.param(
+            lambda: mean_token_cosine(torch.randn(4, 4)),
+            ValueError,
+            "h must have 3 dimensions",
+            id="mean_token_cosine_closed_forms-1",
+        ),
+    ]
+
+
+def _bad_counting_encoder():
+    model = CountingEncoder(4, max_len=6, d_model=8, n_heads=2, d_ff=16)
+    tokens = torch.full((2, 5), len(SPECIALS))
+    lengths = torch.tensor([5, 3])
+    return [
+        pytest.param(
+            lambda: model(tokens.float(), lengths),
+            TypeError,
+            "tokens must have dtype torch.int64",
+            id="counting_encoder-0",
+        ),
+        pytest.param(
+            lambda: model(torch.full((2, 7), 3), lengths),
+            ValueError,
+            "at most max_len=6 positions",
+            id="counting_encoder-1",
+        ),
+        pytest.param(
+            lambda: model(tokens, torch.tensor([5])),
+            ValueError,
+            "one entry per sequence",
+            id="counting_encoder-2",
+        ),
+        pytest.param(
+            lambda: model(tokens, torch.tensor([5, 0])),
+            ValueError,
+            "lengths must lie in 1..5",
+            id="counting_encoder-3",
+        ),
+        pytest.param(
+            lambda: CountingEncoder(0, 6),
+            ValueError,
+            "n_symbols must be positive",
+            id="counting_encoder-4",
+        ),
+    ]
+
+
+BAD_INPUT = [
+    *_bad_feed_forward(),
+    *_bad_parameter_count(),
+    *_bad_to_torch(),
+    *_bad_mean_token_cosine_closed_forms(),
+    *_bad_counting_encoder(),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -59,13 +59,6 @@ def test_angular_frequencies_closed_form(d_model, base):
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
 
 
-def test_angular_frequencies_rejects_bad_input():
-    with pytest.raises(ValueError, match="d_model must be even"):
-        angular_frequencies(7)
-    with pytest.raises(ValueError, match="base"):
-        angular_frequencies(8, base=1.0)
-
-
 @pytest.mark.parametrize(
     ("max_len", "d_model", "base"),
     [(1, 2, 10000.0), (7, 4, 10000.0), (30, 10, 10000.0), (64, 16, 100.0), (5, 6, 2.5)],
@@ -373,97 +366,277 @@ def test_train_position_task_records_accuracy_and_is_reproducible():
 # ------------------------------------------------------------------------ bad input
 
 
-def test_bad_table_arguments():
-    with pytest.raises(ValueError, match="d_model must be even"):
-        sinusoidal_encoding(10, 7)
-    with pytest.raises(ValueError, match="max_len must be positive"):
-        sinusoidal_encoding(0, 8)
-    with pytest.raises(TypeError, match="max_len must be an int"):
-        sinusoidal_encoding(10.0, 8)
-    with pytest.raises(ValueError, match=r"base must be in \(1, inf\)"):
-        sinusoidal_encoding(10, 8, base=1.0)
-    with pytest.raises(ValueError, match="d_model must be even"):
-        wavelengths(5)
-    with pytest.raises(TypeError, match="k must be an int"):
-        rotation_matrix(1.5, 8)
-    with pytest.raises(ValueError, match="d_model must be even"):
-        rotation_matrix(1, 3)
-    with pytest.raises(TypeError, match="offsets must be a real tensor"):
-        similarity_by_offset(torch.tensor([True]), 8)
-    with pytest.raises(TypeError, match="offsets must be a torch.Tensor"):
-        similarity_by_offset([1, 2], 8)
+# --------------------------------------------------------------------------------------------
+# bad input: every public entry point names the argument it rejects
 
 
-def test_bad_module_arguments_and_inputs():
-    with pytest.raises(ValueError, match="d_model must be even"):
-        SinusoidalPositionalEncoding(7)
-    with pytest.raises(ValueError, match="max_len must be positive"):
-        SinusoidalPositionalEncoding(8, max_len=0)
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        SinusoidalPositionalEncoding(8, dropout=1.0)
-    with pytest.raises(ValueError, match="max_len must be positive"):
-        LearnedPositionalEmbedding(-1, 8)
+def _bad_angular_frequencies():
+    return [
+        pytest.param(
+            lambda: angular_frequencies(7),
+            ValueError,
+            "d_model must be even",
+            id="angular_frequencies-0",
+        ),
+        pytest.param(
+            lambda: angular_frequencies(8, base=1.0),
+            ValueError,
+            "base",
+            id="angular_frequencies-1",
+        ),
+    ]
+
+
+def _bad_table_arguments():
+    return [
+        pytest.param(
+            lambda: sinusoidal_encoding(10, 7),
+            ValueError,
+            "d_model must be even",
+            id="table_arguments-0",
+        ),
+        pytest.param(
+            lambda: sinusoidal_encoding(0, 8),
+            ValueError,
+            "max_len must be positive",
+            id="table_arguments-1",
+        ),
+        pytest.param(
+            lambda: sinusoidal_encoding(10.0, 8),
+            TypeError,
+            "max_len must be an int",
+            id="table_arguments-2",
+        ),
+        pytest.param(
+            lambda: sinusoidal_encoding(10, 8, base=1.0),
+            ValueError,
+            "base must be in \\(1, inf\\)",
+            id="table_arguments-3",
+        ),
+        pytest.param(
+            lambda: wavelengths(5),
+            ValueError,
+            "d_model must be even",
+            id="table_arguments-4",
+        ),
+        pytest.param(
+            lambda: rotation_matrix(1.5, 8),
+            TypeError,
+            "k must be an int",
+            id="table_arguments-5",
+        ),
+        pytest.param(
+            lambda: rotation_matrix(1, 3),
+            ValueError,
+            "d_model must be even",
+            id="table_arguments-6",
+        ),
+        pytest.param(
+            lambda: similarity_by_offset(torch.tensor([True]), 8),
+            TypeError,
+            "offsets must be a real tensor",
+            id="table_arguments-7",
+        ),
+        pytest.param(
+            lambda: similarity_by_offset([1, 2], 8),
+            TypeError,
+            "offsets must be a torch.Tensor",
+            id="table_arguments-8",
+        ),
+    ]
+
+
+def _bad_embedding_and_model_inputs():
+    emb = ScaledEmbedding(10, 4)
+    model = PositionTaskModel(10, 8, d_model=8, positions="learned")
+    return [
+        pytest.param(
+            lambda: emb(torch.zeros(2, 3, dtype=torch.int32)),
+            TypeError,
+            "tokens must have dtype torch.int64",
+            id="embedding_and_model_inputs-0",
+        ),
+        pytest.param(
+            lambda: emb(torch.zeros(2, 3)),
+            TypeError,
+            "tokens must have dtype torch.int64",
+            id="embedding_and_model_inputs-1",
+        ),
+        pytest.param(
+            lambda: emb(torch.tensor([[3, 10]])),
+            ValueError,
+            "tokens must lie in 0..9 \\(vocab_size=10\\)",
+            id="embedding_and_model_inputs-2",
+        ),
+        pytest.param(
+            lambda: ScaledEmbedding(10, 4, scale=1),
+            TypeError,
+            "scale must be a bool",
+            id="embedding_and_model_inputs-3",
+        ),
+        pytest.param(
+            lambda: ScaledEmbedding(0, 4),
+            ValueError,
+            "vocab_size must be positive",
+            id="embedding_and_model_inputs-4",
+        ),
+        pytest.param(
+            lambda: PositionTaskModel(10, 8, positions="rotary"),
+            ValueError,
+            "positions must be one of",
+            id="embedding_and_model_inputs-5",
+        ),
+        pytest.param(
+            lambda: model(torch.zeros(1, 12, dtype=torch.long)),
+            ValueError,
+            "positions 0..11 do not fit max_len=8",
+            id="embedding_and_model_inputs-6",
+        ),
+        pytest.param(
+            lambda: model(torch.zeros(8, dtype=torch.long)),
+            ValueError,
+            "tokens must have 2 dimensions",
+            id="embedding_and_model_inputs-7",
+        ),
+        pytest.param(
+            lambda: train_position_task(
+                nn.Linear(2, 2), torch.zeros(2, 8, dtype=torch.long), 1
+            ),
+            TypeError,
+            "model must be a PositionTaskModel",
+            id="embedding_and_model_inputs-8",
+        ),
+        pytest.param(
+            lambda: train_position_task(
+                model, torch.zeros(2, 8, dtype=torch.long), 1, lr=0.0
+            ),
+            ValueError,
+            "lr must be in \\(0, inf\\)",
+            id="embedding_and_model_inputs-9",
+        ),
+    ]
+
+
+def _bad_equivariance_and_blind_accuracy_inputs():
+    mha = MultiHeadAttention(4, 2)
+    x = torch.randn(1, 3, 4)
+    return [
+        pytest.param(
+            lambda: equivariance_error(mha, x, torch.tensor([0, 0, 1])),
+            ValueError,
+            "perm must be a permutation of 0..2",
+            id="equivariance_and_blind_accuracy_inputs-0",
+        ),
+        pytest.param(
+            lambda: equivariance_error(mha, x, torch.tensor([0, 1])),
+            ValueError,
+            "perm must be a permutation of 0..2",
+            id="equivariance_and_blind_accuracy_inputs-1",
+        ),
+        pytest.param(
+            lambda: equivariance_error(mha, x, torch.tensor([0.0, 1.0, 2.0])),
+            TypeError,
+            "perm must have dtype torch.int64",
+            id="equivariance_and_blind_accuracy_inputs-2",
+        ),
+        pytest.param(
+            lambda: equivariance_error("mha", x, torch.arange(3)),
+            TypeError,
+            "layer must be callable",
+            id="equivariance_and_blind_accuracy_inputs-3",
+        ),
+        pytest.param(
+            lambda: equivariance_error(mha, x[0], torch.arange(3)),
+            ValueError,
+            "x must have 3 dimensions",
+            id="equivariance_and_blind_accuracy_inputs-4",
+        ),
+        pytest.param(
+            lambda: position_blind_accuracy(torch.zeros(4, 1, dtype=torch.long)),
+            ValueError,
+            "tokens must have length >= 2",
+            id="equivariance_and_blind_accuracy_inputs-5",
+        ),
+        pytest.param(
+            lambda: position_blind_accuracy(torch.tensor([[0, -1]])),
+            ValueError,
+            "non-empty tensor of token ids >= 0",
+            id="equivariance_and_blind_accuracy_inputs-6",
+        ),
+        pytest.param(
+            lambda: position_blind_accuracy(torch.zeros(2, 3)),
+            TypeError,
+            "tokens must have dtype torch.int64",
+            id="equivariance_and_blind_accuracy_inputs-7",
+        ),
+    ]
+
+
+def _bad_modules():
+    rows = [
+        (lambda: SinusoidalPositionalEncoding(7), ValueError, "d_model must be even"),
+        (
+            lambda: SinusoidalPositionalEncoding(8, max_len=0),
+            ValueError,
+            "max_len must be positive",
+        ),
+        (
+            lambda: SinusoidalPositionalEncoding(8, dropout=1.0),
+            ValueError,
+            r"dropout must be in \[0, 1\)",
+        ),
+        (lambda: LearnedPositionalEmbedding(-1, 8), ValueError, "max_len must be pos"),
+    ]
     for module in (
         SinusoidalPositionalEncoding(8, 10),
         LearnedPositionalEmbedding(10, 8),
     ):
-        with pytest.raises(ValueError, match=r"do not fit max_len=10 \(offset=3"):
-            module(torch.zeros(1, 8, 8), offset=3)
-        with pytest.raises(ValueError, match="positions 0..11 do not fit max_len=10"):
-            module(torch.zeros(1, 12, 8))
-        with pytest.raises(ValueError, match="offset must be >= 0"):
-            module(torch.zeros(1, 2, 8), offset=-1)
-        with pytest.raises(TypeError, match="offset must be an int"):
-            module(torch.zeros(1, 2, 8), offset=1.0)
-        with pytest.raises(ValueError, match=r"x must have shape \(batch, length, d_m"):
-            module(torch.zeros(1, 2, 6))
-        with pytest.raises(ValueError, match="x must have 3 dimensions"):
-            module(torch.zeros(2, 8))
-        with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-            module(torch.zeros(1, 2, 8, dtype=torch.long))
+        rows += [
+            (
+                lambda m=module: m(torch.zeros(1, 8, 8), offset=3),
+                ValueError,
+                r"do not fit max_len=10 \(offset=3",
+            ),
+            (
+                lambda m=module: m(torch.zeros(1, 12, 8)),
+                ValueError,
+                "positions 0..11 do not fit max_len=10",
+            ),
+            (
+                lambda m=module: m(torch.zeros(1, 2, 8), offset=-1),
+                ValueError,
+                "offset must be >= 0",
+            ),
+            (
+                lambda m=module: m(torch.zeros(1, 2, 8), offset=1.0),
+                TypeError,
+                "offset must be an int",
+            ),
+            (
+                lambda m=module: m(torch.zeros(1, 2, 6)),
+                ValueError,
+                r"x must have shape \(batch, length, d_m",
+            ),
+            (lambda m=module: m(torch.zeros(2, 8)), ValueError, "x must have 3 dim"),
+            (
+                lambda m=module: m(torch.zeros(1, 2, 8, dtype=torch.long)),
+                TypeError,
+                "x must be a floating-point tensor",
+            ),
+        ]
+    return [pytest.param(*row, id=f"modules-{i}") for i, row in enumerate(rows)]
 
 
-def test_bad_embedding_and_model_inputs():
-    emb = ScaledEmbedding(10, 4)
-    with pytest.raises(TypeError, match="tokens must have dtype torch.int64"):
-        emb(torch.zeros(2, 3, dtype=torch.int32))
-    with pytest.raises(TypeError, match="tokens must have dtype torch.int64"):
-        emb(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=r"tokens must lie in 0..9 \(vocab_size=10\)"):
-        emb(torch.tensor([[3, 10]]))
-    with pytest.raises(TypeError, match="scale must be a bool"):
-        ScaledEmbedding(10, 4, scale=1)
-    with pytest.raises(ValueError, match="vocab_size must be positive"):
-        ScaledEmbedding(0, 4)
-    with pytest.raises(ValueError, match="positions must be one of"):
-        PositionTaskModel(10, 8, positions="rotary")
-    model = PositionTaskModel(10, 8, d_model=8, positions="learned")
-    with pytest.raises(ValueError, match="positions 0..11 do not fit max_len=8"):
-        model(torch.zeros(1, 12, dtype=torch.long))
-    with pytest.raises(ValueError, match="tokens must have 2 dimensions"):
-        model(torch.zeros(8, dtype=torch.long))
-    with pytest.raises(TypeError, match="model must be a PositionTaskModel"):
-        train_position_task(nn.Linear(2, 2), torch.zeros(2, 8, dtype=torch.long), 1)
-    with pytest.raises(ValueError, match=r"lr must be in \(0, inf\)"):
-        train_position_task(model, torch.zeros(2, 8, dtype=torch.long), 1, lr=0.0)
+BAD_INPUT = [
+    *_bad_modules(),
+    *_bad_angular_frequencies(),
+    *_bad_table_arguments(),
+    *_bad_embedding_and_model_inputs(),
+    *_bad_equivariance_and_blind_accuracy_inputs(),
+]
 
 
-def test_bad_equivariance_and_blind_accuracy_inputs():
-    mha = MultiHeadAttention(4, 2)
-    x = torch.randn(1, 3, 4)
-    with pytest.raises(ValueError, match=r"perm must be a permutation of 0..2"):
-        equivariance_error(mha, x, torch.tensor([0, 0, 1]))
-    with pytest.raises(ValueError, match=r"perm must be a permutation of 0..2"):
-        equivariance_error(mha, x, torch.tensor([0, 1]))
-    with pytest.raises(TypeError, match="perm must have dtype torch.int64"):
-        equivariance_error(mha, x, torch.tensor([0.0, 1.0, 2.0]))
-    with pytest.raises(TypeError, match="layer must be callable"):
-        equivariance_error("mha", x, torch.arange(3))
-    with pytest.raises(ValueError, match="x must have 3 dimensions"):
-        equivariance_error(mha, x[0], torch.arange(3))
-    with pytest.raises(ValueError, match="tokens must have length >= 2"):
-        position_blind_accuracy(torch.zeros(4, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="non-empty tensor of token ids >= 0"):
-        position_blind_accuracy(torch.tensor([[0, -1]]))
-    with pytest.raises(TypeError, match="tokens must have dtype torch.int64"):
-        position_blind_accuracy(torch.zeros(2, 3))
+@pytest.mark.parametrize(("call", "error", "match"), BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -429,21 +429,6 @@ def test_average_weights_is_the_mean_of_each_tensor():
     assert average_weights(counters)["n"] == 4
 
 
-def test_average_weights_rejects_bad_input():
-    with pytest.raises(ValueError, match="non-empty list of state_dicts"):
-        average_weights([])
-    with pytest.raises(ValueError, match="non-empty list of state_dicts"):
-        average_weights({"w": torch.ones(2)})
-    with pytest.raises(TypeError, match=r"states\[1\] must be a dict"):
-        average_weights([{"w": torch.ones(2)}, torch.ones(2)])
-    with pytest.raises(ValueError, match=r"states\[1\] has other keys"):
-        average_weights([{"w": torch.ones(2)}, {"v": torch.ones(2)}])
-    with pytest.raises(ValueError, match="'w' has different shapes"):
-        average_weights([{"w": torch.ones(2)}, {"w": torch.ones(3)}])
-    with pytest.raises(ValueError, match="'n' is not floating-point and differs"):
-        average_weights([{"n": torch.tensor(1)}, {"n": torch.tensor(2)}])
-
-
 # --------------------------------------------------------------------------------------
 # the parameter count
 
@@ -496,79 +481,6 @@ def test_base_model_has_about_63_million_parameters():
 # bad input
 
 
-def test_constructors_reject_bad_arguments():
-    with pytest.raises(ValueError, match="d_model=10 is not divisible by n_heads=4"):
-        Transformer(5, 5, d_model=10, n_heads=4)
-    with pytest.raises(ValueError, match="not divisible"):
-        DecoderLayer(10, 3, 8)
-    with pytest.raises(ValueError, match="max_len must be positive"):
-        Transformer(5, 5, 8, 2, 1, 8, max_len=0)
-    with pytest.raises(TypeError, match="src_vocab_size must be an int"):
-        Transformer(5.0, 5, 8, 2, 1, 8)
-    with pytest.raises(ValueError, match="n_dec_layers must be positive"):
-        Transformer(5, 5, 8, 2, 1, 8, n_dec_layers=0)
-    with pytest.raises(ValueError, match="share_embeddings needs one vocabulary"):
-        Transformer(5, 6, 8, 2, 1, 8, share_embeddings=True)
-    with pytest.raises(TypeError, match="norm_first must be a bool"):
-        DecoderLayer(8, 2, 8, norm_first=1)
-    with pytest.raises(ValueError, match="dropout must be in"):
-        DecoderLayer(8, 2, 8, dropout=1.0)
-    with pytest.raises(ValueError, match="n_layers must be positive"):
-        TransformerDecoder(0, 8, 2, 8)
-    with pytest.raises(TypeError, match="final_norm must be a bool"):
-        TransformerDecoder(1, 8, 2, 8, final_norm="yes")
-
-
-def test_decoder_layer_rejects_bad_input():
-    layer = DecoderLayer(8, 2, 16)
-    x, memory = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
-    with pytest.raises(ValueError, match=r"x must be \(B, T, d_model=8\)"):
-        layer(torch.randn(2, 5, 6), memory)
-    with pytest.raises(ValueError, match="memory must have 3 dimensions"):
-        layer(x, memory[0])
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        layer(x.long(), memory)
-    with pytest.raises(ValueError, match="same batch size"):
-        layer(x, torch.randn(3, 3, 8))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        layer(x, memory, tgt_mask=torch.ones(4, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        layer(x, memory, memory_mask=torch.ones(2, 1, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
-        layer(x, memory, tgt_mask=torch.ones(5, 5))
-    with pytest.raises(ValueError, match="hides every key"):
-        layer(x, memory, memory_mask=torch.zeros(2, 1, 3, dtype=torch.bool))
-
-
-def test_transformer_rejects_bad_input():
-    model = make_model(max_len=6)
-    src, tgt_in = random_batch(2, 5, 4)
-    with pytest.raises(ValueError, match="src has 7 positions, more than"):
-        model(torch.full((2, 7), 3), tgt_in)
-    with pytest.raises(ValueError, match="tgt_in has 8 positions, more than"):
-        model(src, torch.full((2, 8), 3))
-    with pytest.raises(ValueError, match="must share the batch size"):
-        model(src, tgt_in[:1])
-    with pytest.raises(ValueError, match="must share the batch size"):
-        model.decode(tgt_in, model.encode(src)[:, :3], src)
-    with pytest.raises(TypeError, match="src must have dtype torch.int64"):
-        model(src.float(), tgt_in)
-    with pytest.raises(ValueError, match="tgt_in must have 2 dimensions"):
-        model(src, tgt_in[0])
-    with pytest.raises(ValueError, match=r"src ids must lie in 0\.\.10"):
-        model(torch.full((2, 3), 11), tgt_in)
-    with pytest.raises(ValueError, match=r"tgt_in ids must lie in 0\.\.12"):
-        model(src, torch.full((2, 3), -1))
-    with pytest.raises(ValueError, match="src has empty sequences"):
-        model(torch.zeros(2, 3, dtype=torch.long), tgt_in)
-    with pytest.raises(ValueError, match="src must be padded at the end"):
-        model(torch.tensor([[3, PAD, 4], [3, 4, 5]]), tgt_in)
-    with pytest.raises(ValueError, match="tgt_in must start with a token"):
-        model(src, torch.tensor([[PAD, 3], [BOS, 3]]))
-    with pytest.raises(ValueError, match=r"memory must be \(B, T, d_model=16\)"):
-        model.decode(tgt_in, torch.randn(2, 5, 8, dtype=torch.float64), src)
-
-
 def test_decoding_rejects_bad_input():
     model = make_model(max_len=6)
     src, _ = random_batch(2, 5, 2)
@@ -614,46 +526,380 @@ def test_layer_cache_attention_matches_the_module():
         torch.testing.assert_close(weights[:, :, 0], expected_weights[:, :, -1], **F64)
 
 
-def test_layer_cache_rejects_bad_input():
+# --------------------------------------------------------------------------------------------
+# bad input: every public entry point names the argument it rejects
+
+
+def _bad_average_weights():
+    return [
+        pytest.param(
+            lambda: average_weights([]),
+            ValueError,
+            "non-empty list of state_dicts",
+            id="average_weights-0",
+        ),
+        pytest.param(
+            lambda: average_weights({"w": torch.ones(2)}),
+            ValueError,
+            "non-empty list of state_dicts",
+            id="average_weights-1",
+        ),
+        pytest.param(
+            lambda: average_weights([{"w": torch.ones(2)}, torch.ones(2)]),
+            TypeError,
+            "states\\[1\\] must be a dict",
+            id="average_weights-2",
+        ),
+        pytest.param(
+            lambda: average_weights([{"w": torch.ones(2)}, {"v": torch.ones(2)}]),
+            ValueError,
+            "states\\[1\\] has other keys",
+            id="average_weights-3",
+        ),
+        pytest.param(
+            lambda: average_weights([{"w": torch.ones(2)}, {"w": torch.ones(3)}]),
+            ValueError,
+            "'w' has different shapes",
+            id="average_weights-4",
+        ),
+        pytest.param(
+            lambda: average_weights([{"n": torch.tensor(1)}, {"n": torch.tensor(2)}]),
+            ValueError,
+            "'n' is not floating-point and differs",
+            id="average_weights-5",
+        ),
+    ]
+
+
+def _bad_constructors():
+    return [
+        pytest.param(
+            lambda: Transformer(5, 5, d_model=10, n_heads=4),
+            ValueError,
+            "d_model=10 is not divisible by n_heads=4",
+            id="constructors-0",
+        ),
+        pytest.param(
+            lambda: DecoderLayer(10, 3, 8),
+            ValueError,
+            "not divisible",
+            id="constructors-1",
+        ),
+        pytest.param(
+            lambda: Transformer(5, 5, 8, 2, 1, 8, max_len=0),
+            ValueError,
+            "max_len must be positive",
+            id="constructors-2",
+        ),
+        pytest.param(
+            lambda: Transformer(5.0, 5, 8, 2, 1, 8),
+            TypeError,
+            "src_vocab_size must be an int",
+            id="constructors-3",
+        ),
+        pytest.param(
+            lambda: Transformer(5, 5, 8, 2, 1, 8, n_dec_layers=0),
+            ValueError,
+            "n_dec_layers must be positive",
+            id="constructors-4",
+        ),
+        pytest.param(
+            lambda: Transformer(5, 6, 8, 2, 1, 8, share_embeddings=True),
+            ValueError,
+            "share_embeddings needs one vocabulary",
+            id="constructors-5",
+        ),
+        pytest.param(
+            lambda: DecoderLayer(8, 2, 8, norm_first=1),
+            TypeError,
+            "norm_first must be a bool",
+            id="constructors-6",
+        ),
+        pytest.param(
+            lambda: DecoderLayer(8, 2, 8, dropout=1.0),
+            ValueError,
+            "dropout must be in",
+            id="constructors-7",
+        ),
+        pytest.param(
+            lambda: TransformerDecoder(0, 8, 2, 8),
+            ValueError,
+            "n_layers must be positive",
+            id="constructors-8",
+        ),
+        pytest.param(
+            lambda: TransformerDecoder(1, 8, 2, 8, final_norm="yes"),
+            TypeError,
+            "final_norm must be a bool",
+            id="constructors-9",
+        ),
+    ]
+
+
+def _bad_decoder_layer():
+    layer = DecoderLayer(8, 2, 16)
+    x, memory = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    return [
+        pytest.param(
+            lambda: layer(torch.randn(2, 5, 6), memory),
+            ValueError,
+            "x must be \\(B, T, d_model=8\\)",
+            id="decoder_layer-0",
+        ),
+        pytest.param(
+            lambda: layer(x, memory[0]),
+            ValueError,
+            "memory must have 3 dimensions",
+            id="decoder_layer-1",
+        ),
+        pytest.param(
+            lambda: layer(x.long(), memory),
+            TypeError,
+            "x must be a floating-point tensor",
+            id="decoder_layer-2",
+        ),
+        pytest.param(
+            lambda: layer(x, torch.randn(3, 3, 8)),
+            ValueError,
+            "same batch size",
+            id="decoder_layer-3",
+        ),
+        pytest.param(
+            lambda: layer(x, memory, tgt_mask=torch.ones(4, 4, dtype=torch.bool)),
+            ValueError,
+            "does not broadcast",
+            id="decoder_layer-4",
+        ),
+        pytest.param(
+            lambda: layer(x, memory, memory_mask=torch.ones(2, 1, 4, dtype=torch.bool)),
+            ValueError,
+            "does not broadcast",
+            id="decoder_layer-5",
+        ),
+        pytest.param(
+            lambda: layer(x, memory, tgt_mask=torch.ones(5, 5)),
+            TypeError,
+            "mask must have dtype torch.bool",
+            id="decoder_layer-6",
+        ),
+        pytest.param(
+            lambda: layer(
+                x, memory, memory_mask=torch.zeros(2, 1, 3, dtype=torch.bool)
+            ),
+            ValueError,
+            "hides every key",
+            id="decoder_layer-7",
+        ),
+    ]
+
+
+def _bad_transformer():
+    model = make_model(max_len=6)
+    src, tgt_in = random_batch(2, 5, 4)
+    return [
+        pytest.param(
+            lambda: model(torch.full((2, 7), 3), tgt_in),
+            ValueError,
+            "src has 7 positions, more than",
+            id="transformer-0",
+        ),
+        pytest.param(
+            lambda: model(src, torch.full((2, 8), 3)),
+            ValueError,
+            "tgt_in has 8 positions, more than",
+            id="transformer-1",
+        ),
+        pytest.param(
+            lambda: model(src, tgt_in[:1]),
+            ValueError,
+            "must share the batch size",
+            id="transformer-2",
+        ),
+        pytest.param(
+            lambda: model.decode(tgt_in, model.encode(src)[:, :3], src),
+            ValueError,
+            "must share the batch size",
+            id="transformer-3",
+        ),
+        pytest.param(
+            lambda: model(src.float(), tgt_in),
+            TypeError,
+            "src must have dtype torch.int64",
+            id="transformer-4",
+        ),
+        pytest.param(
+            lambda: model(src, tgt_in[0]),
+            ValueError,
+            "tgt_in must have 2 dimensions",
+            id="transformer-5",
+        ),
+        pytest.param(
+            lambda: model(torch.full((2, 3), 11), tgt_in),
+            ValueError,
+            "src ids must lie in 0\\.\\.10",
+            id="transformer-6",
+        ),
+        pytest.param(
+            lambda: model(src, torch.full((2, 3), -1)),
+            ValueError,
+            "tgt_in ids must lie in 0\\.\\.12",
+            id="transformer-7",
+        ),
+        pytest.param(
+            lambda: model(torch.zeros(2, 3, dtype=torch.long), tgt_in),
+            ValueError,
+            "src has empty sequences",
+            id="transformer-8",
+        ),
+        pytest.param(
+            lambda: model(torch.tensor([[3, PAD, 4], [3, 4, 5]]), tgt_in),
+            ValueError,
+            "src must be padded at the end",
+            id="transformer-9",
+        ),
+        pytest.param(
+            lambda: model(src, torch.tensor([[PAD, 3], [BOS, 3]])),
+            ValueError,
+            "tgt_in must start with a token",
+            id="transformer-10",
+        ),
+        pytest.param(
+            lambda: model.decode(
+                tgt_in, torch.randn(2, 5, 8, dtype=torch.float64), src
+            ),
+            ValueError,
+            "memory must be \\(B, T, d_model=16\\)",
+            id="transformer-11",
+        ),
+    ]
+
+
+def _bad_layer_cache():
     model = make_model()
     mha = model.decoder.layers[0].self_attn
     empty = torch.zeros(2, 4, 0, 4, dtype=torch.float64)
     cache = LayerCache(empty, empty, empty, empty)
-    with pytest.raises(TypeError, match="mha must be a MultiHeadAttention"):
-        cache.attend_self(nn.Linear(16, 16), torch.randn(2, 1, 16))
-    with pytest.raises(ValueError, match=r"h must be one new position"):
-        cache.attend_self(mha, torch.randn(2, 3, 16, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"h must be one new position"):
-        cache.attend_memory(mha, torch.randn(3, 1, 16), torch.ones(3, 1, 2).bool())
-    with pytest.raises(TypeError, match="h must be a floating-point tensor"):
-        cache.attend_self(mha, torch.ones(2, 1, 16, dtype=torch.long))
+    return [
+        pytest.param(
+            lambda: cache.attend_self(nn.Linear(16, 16), torch.randn(2, 1, 16)),
+            TypeError,
+            "mha must be a MultiHeadAttention",
+            id="layer_cache-0",
+        ),
+        pytest.param(
+            lambda: cache.attend_self(mha, torch.randn(2, 3, 16, dtype=torch.float64)),
+            ValueError,
+            "h must be one new position",
+            id="layer_cache-1",
+        ),
+        pytest.param(
+            lambda: cache.attend_memory(
+                mha, torch.randn(3, 1, 16), torch.ones(3, 1, 2).bool()
+            ),
+            ValueError,
+            "h must be one new position",
+            id="layer_cache-2",
+        ),
+        pytest.param(
+            lambda: cache.attend_self(mha, torch.ones(2, 1, 16, dtype=torch.long)),
+            TypeError,
+            "h must be a floating-point tensor",
+            id="layer_cache-3",
+        ),
+    ]
 
 
-def test_training_pieces_reject_bad_input():
-    with pytest.raises(ValueError, match=r"step must be >= 1"):
-        noam_lr(0, 512, 4000)
-    with pytest.raises(TypeError, match="step must be an int"):
-        noam_lr(1.0, 512, 4000)
-    with pytest.raises(ValueError, match="warmup must be positive"):
-        noam_lr(1, 512, 0)
-    with pytest.raises(ValueError, match="d_model must be positive"):
-        noam_lr(1, -512, 10)
-    with pytest.raises(ValueError, match=r"factor must be in \(0, inf\)"):
-        noam_lr(1, 512, 10, factor=0.0)
+def _bad_training_pieces():
     model = make_model()
     src, _ = random_batch(2, 4, 2)
     tgt = torch.tensor([[4, EOS], [5, EOS]])
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
-        teacher_forcing_loss(model, src, tgt, label_smoothing=1.0)
-    with pytest.raises(TypeError, match="model must be a Transformer"):
-        teacher_forcing_loss(nn.Linear(2, 2), src, tgt)
-    with pytest.raises(TypeError, match="tgt must have dtype torch.int64"):
-        shift_right(tgt.float())
-    with pytest.raises(ValueError, match="tgt_in must hold tokens"):
-        target_mask(torch.zeros(2, 0, dtype=torch.long))
-    with pytest.raises(TypeError, match="to_torch expects a Transformer"):
-        to_torch(nn.Linear(8, 2))
-    with pytest.raises(ValueError, match="share_embeddings needs"):
-        transformer_parameter_count(5, 6, share_embeddings=True)
-    with pytest.raises(ValueError, match="d_ff must be positive"):
-        transformer_parameter_count(5, 6, d_ff=0)
+    return [
+        pytest.param(
+            lambda: noam_lr(0, 512, 4000),
+            ValueError,
+            "step must be >= 1",
+            id="training_pieces-0",
+        ),
+        pytest.param(
+            lambda: noam_lr(1.0, 512, 4000),
+            TypeError,
+            "step must be an int",
+            id="training_pieces-1",
+        ),
+        pytest.param(
+            lambda: noam_lr(1, 512, 0),
+            ValueError,
+            "warmup must be positive",
+            id="training_pieces-2",
+        ),
+        pytest.param(
+            lambda: noam_lr(1, -512, 10),
+            ValueError,
+            "d_model must be positive",
+            id="training_pieces-3",
+        ),
+        pytest.param(
+            lambda: noam_lr(1, 512, 10, factor=0.0),
+            ValueError,
+            "factor must be in \\(0, inf\\)",
+            id="training_pieces-4",
+        ),
+        pytest.param(
+            lambda: teacher_forcing_loss(model, src, tgt, label_smoothing=1.0),
+            ValueError,
+            "label_smoothing must be in \\[0, 1\\)",
+            id="training_pieces-5",
+        ),
+        pytest.param(
+            lambda: teacher_forcing_loss(nn.Linear(2, 2), src, tgt),
+            TypeError,
+            "model must be a Transformer",
+            id="training_pieces-6",
+        ),
+        pytest.param(
+            lambda: shift_right(tgt.float()),
+            TypeError,
+            "tgt must have dtype torch.int64",
+            id="training_pieces-7",
+        ),
+        pytest.param(
+            lambda: target_mask(torch.zeros(2, 0, dtype=torch.long)),
+            ValueError,
+            "tgt_in must hold tokens",
+            id="training_pieces-8",
+        ),
+        pytest.param(
+            lambda: to_torch(nn.Linear(8, 2)),
+            TypeError,
+            "to_torch expects a Transformer",
+            id="training_pieces-9",
+        ),
+        pytest.param(
+            lambda: transformer_parameter_count(5, 6, share_embeddings=True),
+            ValueError,
+            "share_embeddings needs",
+            id="training_pieces-10",
+        ),
+        pytest.param(
+            lambda: transformer_parameter_count(5, 6, d_ff=0),
+            ValueError,
+            "d_ff must be positive",
+            id="training_pieces-11",
+        ),
+    ]
+
+
+BAD_INPUT = [
+    *_bad_average_weights(),
+    *_bad_constructors(),
+    *_bad_decoder_layer(),
+    *_bad_transformer(),
+    *_bad_layer_cache(),
+    *_bad_training_pieces(),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_INPUT)
+def test_bad_input_is_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -124,6 +124,21 @@ def _check_groups(groups: int, c_in: int, c_out: int) -> int:
     return groups
 
 
+def _check_conv2d_args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+) -> None:
+    """``x`` ``(N, C_in, H, W)``, ``weight`` ``(C_out, C_in / groups, k_h, k_w)``."""
+    check_tensor(x, "x", ndim=4, floating=True)
+    _check_weight_and_bias(x, weight, bias)
+    c_in, (c_out, c_group) = x.shape[1], weight.shape[:2]
+    _check_groups(groups, c_in, c_out)
+    if c_group * groups != c_in:
+        raise ValueError(
+            f"weight must have shape (C_out, {c_in // groups}, k_h, k_w) for x with "
+            f"{c_in} channels and groups={groups}, got {tuple(weight.shape)}"
+        )
+
+
 # --------------------------------------------------------------------- convolution
 
 
@@ -144,16 +159,9 @@ def conv2d(
     output channel $o$ belongs to. ``x`` is ``(N, C_in, H, W)``, ``weight`` is
     ``(C_out, C_in / groups, k_h, k_w)``, the result ``(N, C_out, H_out, W_out)``.
     """
-    check_tensor(x, "x", ndim=4, floating=True)
+    _check_conv2d_args(x, weight, bias, groups)
     n, c_in, h, w = x.shape
-    _check_weight_and_bias(x, weight, bias)
     c_out, c_group, kh, kw = weight.shape
-    groups = _check_groups(groups, c_in, c_out)
-    if c_group * groups != c_in:
-        raise ValueError(
-            f"weight must have shape (C_out, {c_in // groups}, k_h, k_w) for x with "
-            f"{c_in} channels and groups={groups}, got {tuple(weight.shape)}"
-        )
     stride, padding = _pair(stride, "stride"), _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation")
     h_out, w_out = _conv_output_size((h, w), (kh, kw), stride, padding, dilation)
@@ -246,6 +254,15 @@ def _layer_values(
     return tuple(check_positive_int(v, f"{name}[{i}]") for i, v in enumerate(values))
 
 
+def _check_kernel_sizes(kernel_sizes: object) -> None:
+    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Sequence):
+        raise TypeError(
+            f"kernel_sizes must be a sequence of ints, got {kernel_sizes!r}"
+        )
+    if not kernel_sizes:
+        raise ValueError("kernel_sizes must name at least one layer")
+
+
 def receptive_field(
     kernel_sizes: Sequence[int],
     strides: Sequence[int] | None = None,
@@ -258,12 +275,7 @@ def receptive_field(
     the input pixels one step of layer $l$'s input spans (the product of the earlier
     strides). ``strides`` and ``dilations`` default to 1 for every layer.
     """
-    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Sequence):
-        raise TypeError(
-            f"kernel_sizes must be a sequence of ints, got {kernel_sizes!r}"
-        )
-    if not kernel_sizes:
-        raise ValueError("kernel_sizes must name at least one layer")
+    _check_kernel_sizes(kernel_sizes)
     ks = _layer_values(kernel_sizes, "kernel_sizes", len(kernel_sizes))
     ss = _layer_values(strides, "strides", len(ks))
     ds = _layer_values(dilations, "dilations", len(ks))
@@ -383,28 +395,17 @@ class DepthwiseSeparableConv2d(nn.Module):
 # --------------------------------------------------------------------- transposed
 
 
-def conv_transpose2d(
+def _check_transpose_args(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: IntPair = 1,
-    padding: IntPair = 0,
-    output_padding: IntPair = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
-) -> torch.Tensor:
-    r"""Transposed convolution: the adjoint of :func:`conv2d` with the same arguments.
-
-    Every input value stamps a weighted copy of the kernel onto the output,
-    $y_{o,\, p s + i d - \mathrm{pad}} \mathrel{+}= w_{c,o,i}\, x_{c,p}$ (per axis).
-    Computed here as the equivalent ordinary convolution: insert $s - 1$ zeros between
-    the input values, pad by $d(k-1) - \mathrm{pad}$ (crop if negative, plus
-    ``output_padding`` at the end), and correlate with the kernel flipped in space and
-    with its input and output channels swapped. ``x`` is ``(N, C_in, H, W)``,
-    ``weight`` ``(C_in, C_out / groups, k_h, k_w)`` (PyTorch's layout), the result
-    ``(N, C_out, H_out, W_out)`` with $H_{out} = (H-1)s - 2\,\mathrm{pad} + d(k-1) +
-    \mathrm{output\_padding} + 1$.
-    """
+    bias: torch.Tensor | None,
+    stride: IntPair,
+    padding: IntPair,
+    output_padding: IntPair,
+    dilation: IntPair,
+    groups: int,
+) -> None:
+    """The arguments of :func:`conv_transpose2d`, and a non-empty output."""
     check_tensor(x, "x", ndim=4, floating=True)
     n, c_in, h, w = x.shape
     check_tensor(weight, "weight", ndim=4, floating=True)
@@ -433,6 +434,38 @@ def conv_transpose2d(
             f"padding {padding!r} is too large: the output of spatial size "
             f"({h_out}, {w_out}) would be empty"
         )
+
+
+def conv_transpose2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    output_padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    r"""Transposed convolution: the adjoint of :func:`conv2d` with the same arguments.
+
+    Every input value stamps a weighted copy of the kernel onto the output,
+    $y_{o,\, p s + i d - \mathrm{pad}} \mathrel{+}= w_{c,o,i}\, x_{c,p}$ (per axis).
+    Computed here as the equivalent ordinary convolution: insert $s - 1$ zeros between
+    the input values, pad by $d(k-1) - \mathrm{pad}$ (crop if negative, plus
+    ``output_padding`` at the end), and correlate with the kernel flipped in space and
+    with its input and output channels swapped. ``x`` is ``(N, C_in, H, W)``,
+    ``weight`` ``(C_in, C_out / groups, k_h, k_w)`` (PyTorch's layout), the result
+    ``(N, C_out, H_out, W_out)`` with $H_{out} = (H-1)s - 2\,\mathrm{pad} + d(k-1) +
+    \mathrm{output\_padding} + 1$.
+    """
+    _check_transpose_args(
+        x, weight, bias, stride, padding, output_padding, dilation, groups
+    )
+    n, c_in, h, w = x.shape
+    c_out_group, kh, kw = weight.shape[1:]
+    (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding", 0)
+    oph, opw = _pair(output_padding, "output_padding", 0)
+    dh, dw = _pair(dilation, "dilation")
     # 1. s - 1 zeros between neighbouring input values
     z = x.new_zeros(n, c_in, (h - 1) * sh + 1, (w - 1) * sw + 1)
     z[:, :, ::sh, ::sw] = x  # (N, C_in, (H-1)s+1, (W-1)s+1)
@@ -452,6 +485,18 @@ def conv_transpose2d(
 # --------------------------------------------------------------------- deformable
 
 
+def _check_sample_args(image: object, rows: object, cols: object) -> None:
+    check_tensor(image, "image", ndim=4, floating=True)
+    check_tensor(rows, "rows", dtype=image.dtype)
+    check_tensor(cols, "cols", dtype=image.dtype)
+    n = image.shape[0]
+    if rows.shape != cols.shape or rows.dim() < 1 or rows.shape[0] != n:
+        raise ValueError(
+            f"rows and cols must have the same shape (N={n}, ...), got "
+            f"{tuple(rows.shape)} and {tuple(cols.shape)}"
+        )
+
+
 def bilinear_sample(
     image: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
@@ -463,15 +508,8 @@ def bilinear_sample(
     at position $(i, j)$. ``image`` is ``(N, C, H, W)``; ``rows`` and ``cols`` are
     ``(N, *)`` positions of the same shape; the result is ``(N, C, *)``.
     """
-    check_tensor(image, "image", ndim=4, floating=True)
-    check_tensor(rows, "rows", dtype=image.dtype)
-    check_tensor(cols, "cols", dtype=image.dtype)
+    _check_sample_args(image, rows, cols)
     n, c, h, w = image.shape
-    if rows.shape != cols.shape or rows.dim() < 1 or rows.shape[0] != n:
-        raise ValueError(
-            f"rows and cols must have the same shape (N={n}, ...), got "
-            f"{tuple(rows.shape)} and {tuple(cols.shape)}"
-        )
     y, x = rows.reshape(n, -1), cols.reshape(n, -1)  # (N, P)
     y0, x0 = torch.floor(y), torch.floor(x)
     ly, lx = y - y0, x - x0  # distance to the upper-left corner, in [0, 1)
@@ -486,6 +524,15 @@ def bilinear_sample(
         values = pixels.gather(2, index.unsqueeze(1).expand(n, c, -1))  # (N, C, P)
         out = out + values * (weight * inside).unsqueeze(1)  # zero outside
     return out.view(n, c, *rows.shape[1:])
+
+
+def _check_offset(offset: object, kh: int, kw: int) -> None:
+    check_tensor(offset, "offset", ndim=4, floating=True)
+    if offset.shape[1] != 2 * kh * kw:
+        raise ValueError(
+            f"offset must have 2 * {kh} * {kw} = {2 * kh * kw} channels, got shape "
+            f"{tuple(offset.shape)}"
+        )
 
 
 def sampling_positions(
@@ -504,17 +551,12 @@ def sampling_positions(
     ``torchvision.ops.deform_conv2d``. Returns ``rows, cols``, each
     ``(N, K, H_out, W_out)``.
     """
-    check_tensor(offset, "offset", ndim=4, floating=True)
     kh, kw = _pair(kernel_size, "kernel_size")
+    _check_offset(offset, kh, kw)
     (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding", 0)
     dh, dw = _pair(dilation, "dilation")
-    n, channels, h_out, w_out = offset.shape
-    k = kh * kw
-    if channels != 2 * k:
-        raise ValueError(
-            f"offset must have 2 * {kh} * {kw} = {2 * k} channels, got shape "
-            f"{tuple(offset.shape)}"
-        )
+    n, _, h_out, w_out = offset.shape
+    k = kh * kw  # kernel points
     arange = dict(dtype=offset.dtype, device=offset.device)
     i = torch.arange(kh, **arange).repeat_interleave(kw)  # (K,): row of point k
     j = torch.arange(kw, **arange).repeat(kh)  # (K,): column of point k
@@ -524,6 +566,34 @@ def sampling_positions(
     base_cols = (q * sw - pw).view(1, 1, 1, -1) + (j * dw).view(1, k, 1, 1)
     offset = offset.view(n, k, 2, h_out, w_out)  # (dy, dx) interleaved
     return base_rows + offset[:, :, 0], base_cols + offset[:, :, 1]
+
+
+def _check_deform_args(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> None:
+    check_tensor(x, "x", ndim=4, floating=True)
+    n, c_in, h, w = x.shape
+    _check_weight_and_bias(x, weight, bias)
+    c_w, kh, kw = weight.shape[1:]
+    if c_w != c_in:
+        raise ValueError(
+            f"weight must have shape (C_out, {c_in}, k_h, k_w) for x with {c_in} "
+            f"channels, got {tuple(weight.shape)}"
+        )
+    h_out, w_out = _conv_output_size((h, w), (kh, kw), stride, padding, dilation)
+    check_tensor(offset, "offset", ndim=4, dtype=x.dtype)
+    expected = (n, 2 * kh * kw, h_out, w_out)
+    if tuple(offset.shape) != expected:
+        raise ValueError(
+            f"offset must have shape {expected} (N, 2 k_h k_w, H_out, W_out), got "
+            f"{tuple(offset.shape)}"
+        )
 
 
 def deform_conv2d(
@@ -545,25 +615,12 @@ def deform_conv2d(
     ``offset`` ``(N, 2 k_h k_w, H_out, W_out)`` in torchvision's ``(dy, dx)`` layout,
     ``weight`` ``(C_out, C_in, k_h, k_w)``; zero offsets give :func:`conv2d`.
     """
-    check_tensor(x, "x", ndim=4, floating=True)
-    n, c_in, h, w = x.shape
-    _check_weight_and_bias(x, weight, bias)
-    c_out, c_w, kh, kw = weight.shape
-    if c_w != c_in:
-        raise ValueError(
-            f"weight must have shape (C_out, {c_in}, k_h, k_w) for x with {c_in} "
-            f"channels, got {tuple(weight.shape)}"
-        )
     stride, padding = _pair(stride, "stride"), _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation")
+    _check_deform_args(x, offset, weight, bias, stride, padding, dilation)
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
     h_out, w_out = _conv_output_size((h, w), (kh, kw), stride, padding, dilation)
-    check_tensor(offset, "offset", ndim=4, dtype=x.dtype)
-    expected = (n, 2 * kh * kw, h_out, w_out)
-    if tuple(offset.shape) != expected:
-        raise ValueError(
-            f"offset must have shape {expected} (N, 2 k_h k_w, H_out, W_out), got "
-            f"{tuple(offset.shape)}"
-        )
     rows, cols = sampling_positions(offset, (kh, kw), stride, padding, dilation)
     # deformable im2col: the input read at the K shifted points of every output
     sampled = bilinear_sample(x, rows, cols)  # (N, C_in, K, H_out, W_out)

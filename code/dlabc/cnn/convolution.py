@@ -126,6 +126,41 @@ def im2col(
     return cols
 
 
+def _check_col2im_args(
+    cols: np.ndarray,
+    input_shape: tuple[int, int, int, int],
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+) -> None:
+    """``cols`` must be what :func:`im2col` makes of an input of ``input_shape``."""
+    check_array(cols, "cols", ndim=6)
+    if len(input_shape) != 4 or any(
+        isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0
+        for n in input_shape
+    ):
+        raise ValueError(
+            f"input_shape must be 4 ints (N, C, H, W), got {input_shape!r}"
+        )
+    N, C, H, W = input_shape
+    kh, kw = cols.shape[2:4]
+    Ho, Wo = _geometry(np.empty((0, 0, H, W)), (kh, kw), stride, padding, dilation)[4]
+    if cols.shape != (N, C, kh, kw, Ho, Wo):
+        raise ValueError(
+            f"cols must have shape {(N, C, kh, kw, Ho, Wo)} for input {input_shape}, "
+            f"got {cols.shape}"
+        )
+
+
+def _check_grad_out(grad_out: np.ndarray, shape: tuple[int, ...]) -> None:
+    """``grad_out`` must be an array of the forward output's ``shape``."""
+    check_array(grad_out, "grad_out", ndim=4)
+    if grad_out.shape != shape:
+        raise ValueError(
+            f"grad_out must have the output's shape {shape}, got {grad_out.shape}"
+        )
+
+
 def col2im(
     cols: np.ndarray,
     input_shape: tuple[int, int, int, int],
@@ -138,24 +173,12 @@ def col2im(
     A pixel that lies in several windows receives the sum of their entries; this is
     exactly the backward pass of ``im2col`` (and of any layer built on it).
     """
-    check_array(cols, "cols", ndim=6)
-    if len(input_shape) != 4 or any(
-        isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0
-        for n in input_shape
-    ):
-        raise ValueError(
-            f"input_shape must be 4 ints (N, C, H, W), got {input_shape!r}"
-        )
+    _check_col2im_args(cols, input_shape, stride, padding, dilation)
     N, C, H, W = input_shape
     kh, kw = cols.shape[2:4]
     (sh, sw), (ph, pw), (dh, dw), (Ho, Wo) = _geometry(
         np.empty((0, 0, H, W)), (kh, kw), stride, padding, dilation
     )[1:]
-    if cols.shape != (N, C, kh, kw, Ho, Wo):
-        raise ValueError(
-            f"cols must have shape {(N, C, kh, kw, Ho, Wo)} for input {input_shape}, "
-            f"got {cols.shape}"
-        )
     x_pad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
@@ -280,16 +303,11 @@ def conv2d_backward(
     $\partial L/\partial X = \mathrm{col2im}(W^\top \Delta)$.
     """
     _check_conv(x, weight, None, groups)
-    check_array(grad_out, "grad_out", ndim=4)
     N, O, G = x.shape[0], weight.shape[0], groups
     K = int(np.prod(weight.shape[1:]))  # C/G kh kw
     cols = im2col(x, weight.shape[2:], stride, padding, dilation)
-    cols_shape = cols.shape
-    if grad_out.shape != (N, O) + cols_shape[4:]:
-        raise ValueError(
-            f"grad_out must have the output's shape {(N, O) + cols_shape[4:]}, "
-            f"got {grad_out.shape}"
-        )
+    cols_shape = cols.shape  # (N, C, kh, kw, Ho, Wo)
+    _check_grad_out(grad_out, (N, O) + cols_shape[4:])
     L = cols_shape[4] * cols_shape[5]
     cols = cols.reshape(N, G, K, L)  # (N, G, K, L)
     g = grad_out.reshape(N, G, O // G, L)  # (N, G, O/G, L)
@@ -345,14 +363,9 @@ def max_pool2d_backward(
     the maximum of several overlapping windows collects all their gradients.
     """
     k, stride, p = _pool_geometry(kernel_size, stride, padding)
-    check_array(grad_out, "grad_out", ndim=4)
     cols = im2col(x, k, stride, p, dilation, pad_value=-np.inf)
     N, C, kh, kw, Ho, Wo = cols.shape
-    if grad_out.shape != (N, C, Ho, Wo):
-        raise ValueError(
-            f"grad_out must have the output's shape {(N, C, Ho, Wo)}, "
-            f"got {grad_out.shape}"
-        )
+    _check_grad_out(grad_out, (N, C, Ho, Wo))
     flat = cols.reshape(N, C, kh * kw, Ho, Wo)
     winner = flat.argmax(axis=2)  # (N, C, Ho, Wo): first maximum of each window
     one_hot = (

@@ -137,7 +137,7 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 
 def _check_model_and_shape(model: object, input_shape: object) -> None:
-    """``model`` is a module and ``input_shape`` a non-empty sequence of positive ints."""
+    """``model`` is a module; ``input_shape`` a non-empty sequence of positive ints."""
     _check_module(model)
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
         raise TypeError(

@@ -36,6 +36,43 @@ __all__ = [
 ]
 
 
+def _check_images(x: object, channels: int, divisible_by: int = 1) -> None:
+    """``x`` is a float ``(N, channels, H, W)`` batch, ``H`` and ``W`` divisible."""
+    check_tensor(x, "x", ndim=4, floating=True)
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"x must have {channels} channels on axis 1, got shape {tuple(x.shape)}"
+        )
+    if x.shape[2] % divisible_by or x.shape[3] % divisible_by:
+        raise ValueError(
+            "the height and width of x must be divisible by 2**depth = "
+            f"{divisible_by}, got shape {tuple(x.shape)}"
+        )
+
+
+def _check_unet_args(
+    in_channels: object,
+    n_classes: object,
+    base_channels: object,
+    depth: object,
+    skip: object,
+) -> None:
+    check_positive_int(in_channels, "in_channels")
+    if check_positive_int(n_classes, "n_classes") < 2:
+        raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+    check_positive_int(base_channels, "base_channels")
+    check_positive_int(depth, "depth")
+    if not isinstance(skip, bool):
+        raise TypeError(f"skip must be a bool, got {type(skip).__name__}")
+
+
+def _check_label_dtype(labels: torch.Tensor, name: str) -> None:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must hold integer class labels, got dtype {labels.dtype}"
+        )
+
+
 class DoubleConv(nn.Sequential):
     r"""Two rounds of 3x3 convolution, BatchNorm and ReLU: ``(N, C_in, H, W)`` to
     ``(N, C_out, H, W)``.
@@ -61,12 +98,7 @@ class DoubleConv(nn.Sequential):
         self.in_channels, self.out_channels = in_channels, out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", ndim=4, floating=True)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have {self.in_channels} channels on axis 1, "
-                f"got shape {tuple(x.shape)}"
-            )
+        _check_images(x, self.in_channels)
         return super().forward(x)
 
 
@@ -94,15 +126,9 @@ class UNet(nn.Module):
         skip: bool = True,
     ) -> None:
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.n_classes = check_positive_int(n_classes, "n_classes")
-        if n_classes < 2:
-            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
-        check_positive_int(base_channels, "base_channels")
-        self.depth = check_positive_int(depth, "depth")
-        if not isinstance(skip, bool):
-            raise TypeError(f"skip must be a bool, got {type(skip).__name__}")
-        self.skip = skip
+        _check_unet_args(in_channels, n_classes, base_channels, depth, skip)
+        self.in_channels, self.n_classes = in_channels, n_classes
+        self.depth, self.skip = depth, skip
         c = [base_channels * 2**level for level in range(depth + 1)]  # c_0 ... c_D
         self.encoder = nn.ModuleList(
             DoubleConv(in_channels if level == 0 else c[level - 1], c[level])
@@ -122,18 +148,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(c[0], n_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", ndim=4, floating=True)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have {self.in_channels} channels on axis 1, "
-                f"got shape {tuple(x.shape)}"
-            )
-        factor = 2**self.depth
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(
-                f"the height and width of x must be divisible by 2**depth = {factor}, "
-                f"got shape {tuple(x.shape)}"
-            )
+        _check_images(x, self.in_channels, divisible_by=2**self.depth)
         features = []  # e_0 ... e_{D-1}, kept for the skip connections
         for block in self.encoder:
             x = block(x)  # (N, c_l, H / 2^l, W / 2^l)
@@ -164,15 +179,11 @@ def unet_parameter_count(
     level $\ell$ of the decoder $8c^2 + c$ (up) and $(18 + 9s)c^2 + 4c$, with
     $c = b\,2^\ell$; the sums over $\ell$ are geometric series.
     """
-    for name, value in (
-        ("in_channels", in_channels),
-        ("n_classes", n_classes),
-        ("base_channels", base_channels),
-        ("depth", depth),
-    ):
+    for name, value in dict(
+        in_channels=in_channels, n_classes=n_classes, base_channels=base_channels
+    ).items():
         check_positive_int(value, name)
-    if not isinstance(skip, bool):
-        raise TypeError(f"skip must be a bool, got {type(skip).__name__}")
+    _check_unet_args(in_channels, 2, base_channels, depth, skip)
     b, s = base_channels, int(skip)
     first = 9 * b * in_channels + 9 * b * b + 4 * b  # DoubleConv(C_in, b)
     squares = (
@@ -182,6 +193,11 @@ def unet_parameter_count(
     return first + squares + linear + (b + 1) * n_classes  # + the 1x1 head
 
 
+def _check_masks(masks: object, width: object) -> None:
+    _check_label_dtype(check_tensor(masks, "masks", ndim=3), "masks")
+    check_positive_int(width, "width")
+
+
 def boundary_band(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
     """The pixels of ``(N, H, W)`` label masks within ``width`` of a class boundary.
 
@@ -189,12 +205,7 @@ def boundary_band(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
     band is that set grown by ``width - 1`` pixels in every direction (a square
     neighbourhood). Returns a bool tensor of the shape of ``masks``.
     """
-    check_tensor(masks, "masks", ndim=3)
-    if masks.is_floating_point() or masks.is_complex() or masks.dtype == torch.bool:
-        raise TypeError(
-            f"masks must hold integer class labels, got dtype {masks.dtype}"
-        )
-    check_positive_int(width, "width")
+    _check_masks(masks, width)
     edge = torch.zeros_like(masks, dtype=torch.bool)
     vertical = masks[:, 1:, :] != masks[:, :-1, :]  # (N, H-1, W)
     horizontal = masks[:, :, 1:] != masks[:, :, :-1]  # (N, H, W-1)
@@ -213,15 +224,7 @@ def _check_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_positive_int(n_classes, "n_classes")
     for name, labels in (("pred", pred), ("target", target)):
-        check_tensor(labels, name)
-        if (
-            labels.is_floating_point()
-            or labels.is_complex()
-            or labels.dtype == torch.bool
-        ):
-            raise TypeError(
-                f"{name} must hold integer class labels, got dtype {labels.dtype}"
-            )
+        _check_label_dtype(check_tensor(labels, name), name)
     if pred.shape != target.shape:
         raise ValueError(
             "pred and target must have the same shape, "
@@ -294,6 +297,25 @@ def iou_score(
     return _average(scores, average)
 
 
+def _check_dice_args(logits: object, target: object, smooth: object) -> None:
+    """Shapes and dtypes; the label range only on the CPU (no GPU synchronisation)."""
+    check_tensor(logits, "logits", floating=True)
+    check_tensor(target, "target", dtype=torch.long)
+    check_number(smooth, "smooth", low=0, low_open=True)
+    if logits.dim() < 2 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            "target must have the shape of logits without the class axis 1, "
+            f"got logits {tuple(logits.shape)} and target {tuple(target.shape)}"
+        )
+    n_classes = logits.shape[1]
+    on_cpu = target.device.type == "cpu"
+    if on_cpu and target.numel() and (target.min() < 0 or target.max() >= n_classes):
+        raise ValueError(
+            f"target labels must lie in [0, {n_classes - 1}], got values from "
+            f"{target.min().item()} to {target.max().item()}"
+        )
+
+
 def dice_loss(
     logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0
 ) -> torch.Tensor:
@@ -305,20 +327,8 @@ def dice_loss(
     {\sum_i p_{ik}^2 + \sum_i t_{ik}^2 + s}$, where $s$ = ``smooth`` keeps the ratio
     defined (and equal to 1) for a class that is in neither.
     """
-    check_tensor(logits, "logits", floating=True)
-    check_tensor(target, "target", dtype=torch.long)
-    check_number(smooth, "smooth", low=0, low_open=True)
-    if logits.dim() < 2 or target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(
-            "target must have the shape of logits without the class axis 1, "
-            f"got logits {tuple(logits.shape)} and target {tuple(target.shape)}"
-        )
+    _check_dice_args(logits, target, smooth)
     n_classes = logits.shape[1]
-    if target.numel() and (target.min() < 0 or target.max() >= n_classes):
-        raise ValueError(
-            f"target labels must lie in [0, {n_classes - 1}], got values from "
-            f"{target.min().item()} to {target.max().item()}"
-        )
     probs = logits.softmax(dim=1).movedim(1, -1).reshape(-1, n_classes)  # (N*H*W, K)
     one_hot = F.one_hot(target.reshape(-1), n_classes).to(probs.dtype)  # (N*H*W, K)
     overlap = (probs * one_hot).sum(0)  # (K,)

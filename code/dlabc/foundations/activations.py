@@ -193,6 +193,22 @@ def geglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return a * gelu(b)
 
 
+def _check_gated(d_model: int, d_hidden: int, activation: object) -> None:
+    check_positive_int(d_model, "d_model")
+    check_positive_int(d_hidden, "d_hidden")
+    if not callable(activation):
+        raise TypeError(f"activation must be callable, got {activation!r}")
+
+
+def _check_features(x: object, d_model: int) -> None:
+    """Metadata only (dtype, shape): no sync with a GPU."""
+    check_tensor(x, "x", floating=True)
+    if x.shape[-1] != d_model:
+        raise ValueError(
+            f"x must end with d_model={d_model}, got shape {tuple(x.shape)}"
+        )
+
+
 class GatedFeedForward(nn.Module):
     """The feed-forward block of Llama-style models: ``down(act(gate(x)) * up(x))``.
 
@@ -203,22 +219,14 @@ class GatedFeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, activation=silu) -> None:
         super().__init__()
-        check_positive_int(d_model, "d_model")
-        check_positive_int(d_hidden, "d_hidden")
-        if not callable(activation):
-            raise TypeError(f"activation must be callable, got {activation!r}")
+        _check_gated(d_model, d_hidden, activation)
         self.activation = activation
         self.gate_proj = nn.Linear(d_model, d_hidden, bias=False)
         self.up_proj = nn.Linear(d_model, d_hidden, bias=False)
         self.down_proj = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", floating=True)
-        if x.shape[-1] != self.gate_proj.in_features:
-            raise ValueError(
-                f"x must end with d_model={self.gate_proj.in_features}, "
-                f"got shape {tuple(x.shape)}"
-            )
+        _check_features(x, self.gate_proj.in_features)
         hidden = self.activation(self.gate_proj(x)) * self.up_proj(x)  # (..., d_hidden)
         return self.down_proj(hidden)
 

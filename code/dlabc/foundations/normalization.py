@@ -146,12 +146,24 @@ class _ChannelNorm(nn.Module):
             self.weight = nn.Parameter(torch.ones(num_features))  # gamma
             self.bias = nn.Parameter(torch.zeros(num_features))  # beta
 
-    def _check_input(self, x: torch.Tensor, ndim: Sequence[int]) -> None:
+    def _check_input(
+        self, x: torch.Tensor, ndim: Sequence[int], batch_statistics: bool = False
+    ) -> None:
+        """Check ``x``'s dtype and shape (metadata only: no sync with a GPU).
+
+        ``batch_statistics``: the layer estimates a variance from the values of each
+        channel, so it needs at least two of them.
+        """
         check_tensor(x, "x", ndim=ndim, floating=True)
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"x must have {self.num_features} channels on axis 1, "
                 f"got shape {tuple(x.shape)}"
+            )
+        if batch_statistics and x.numel() // x.shape[1] < 2:
+            raise ValueError(
+                "BatchNorm needs more than one value per channel in training, "
+                f"got x of shape {tuple(x.shape)}"
             )
 
     def _affine(self, x_hat: torch.Tensor) -> torch.Tensor:
@@ -184,16 +196,10 @@ class BatchNorm(_ChannelNorm):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, ndim=(2, 3, 4, 5))
+        self._check_input(x, ndim=(2, 3, 4, 5), batch_statistics=self.training)
         dims = (0, *range(2, x.dim()))  # everything except the channel axis
         shape = _channel_shape(x)
         if self.training:
-            count = x.numel() // x.shape[1]  # M values per channel
-            if count < 2:
-                raise ValueError(
-                    "BatchNorm needs more than one value per channel in training, "
-                    f"got shape {tuple(x.shape)}"
-                )
             x_hat = standardize(x, dims, self.eps)
             with torch.no_grad():
                 m = self.momentum
@@ -268,6 +274,16 @@ class InstanceNorm(_ChannelNorm):
         return self._affine(standardize(x, tuple(range(2, x.dim())), self.eps))
 
 
+def _check_groups(num_groups: int, num_channels: int) -> int:
+    check_positive_int(num_groups, "num_groups")
+    if num_channels % num_groups:
+        raise ValueError(
+            f"num_channels ({num_channels}) must be divisible by "
+            f"num_groups ({num_groups})"
+        )
+    return num_groups
+
+
 class GroupNorm(_ChannelNorm):
     """Split the ``C`` channels into ``num_groups`` groups; normalize each per example.
 
@@ -279,12 +295,7 @@ class GroupNorm(_ChannelNorm):
         self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True
     ) -> None:
         super().__init__(num_channels, eps, affine)
-        self.num_groups = check_positive_int(num_groups, "num_groups")
-        if num_channels % num_groups:
-            raise ValueError(
-                f"num_channels ({num_channels}) must be divisible by "
-                f"num_groups ({num_groups})"
-            )
+        self.num_groups = _check_groups(num_groups, num_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, ndim=(2, 3, 4, 5))

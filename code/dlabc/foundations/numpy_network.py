@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dlabc.checks import check_array
+from dlabc.checks import check_array, check_number, check_positive_int
 
 __all__ = [
     "Dense",
@@ -40,9 +40,8 @@ class Dense:
     """``y = x W + b``, ``W`` of shape ``(D, H)``, He-initialised as ``N(0, 2/D)``."""
 
     def __init__(self, n_in: int, n_out: int, rng: np.random.Generator) -> None:
-        for name, n in (("n_in", n_in), ("n_out", n_out)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        check_positive_int(n_in, "n_in")
+        check_positive_int(n_out, "n_out")
         self.W = rng.normal(0.0, np.sqrt(2.0 / n_in), size=(n_in, n_out))
         self.b = np.zeros(n_out)
         self.dW = np.zeros_like(self.W)
@@ -50,10 +49,8 @@ class Dense:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         check_array(x, "x", ndim=2)
-        if x.shape[1] != self.W.shape[0]:
-            raise ValueError(
-                f"x must have {self.W.shape[0]} features, got shape {x.shape}"
-            )
+        if x.shape[1] != len(self.W):
+            raise ValueError(f"x must have {len(self.W)} features, got {x.shape}")
         self.x = x  # (N, D), needed for dW
         return x @ self.W + self.b  # (N, H)
 
@@ -98,12 +95,9 @@ class Tanh:
 def softmax_cross_entropy(
     logits: np.ndarray, labels: np.ndarray
 ) -> tuple[float, np.ndarray]:
-    r"""Mean cross-entropy of ``softmax(logits)`` for integer ``labels``, and gradient.
+    """Mean cross-entropy of ``softmax(logits)`` for integer ``labels``, and gradient.
 
-    With $p = \mathrm{softmax}(z)$ and the one-hot label $y$, the loss of one example is
-    $-\log p_y$ and its gradient is simply $\partial L / \partial z = p - y$: the
-    softmax's Jacobian and the logarithm's derivative cancel. Averaged over the ``N``
-    examples.
+    Checks the arguments, then computes :func:`_softmax_cross_entropy`.
     """
     check_array(logits, "logits", ndim=2)
     labels = np.asarray(labels)
@@ -113,6 +107,19 @@ def softmax_cross_entropy(
         )
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
         raise ValueError(f"labels must lie in 0..{logits.shape[1] - 1}")
+    return _softmax_cross_entropy(logits, labels)
+
+
+def _softmax_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray
+) -> tuple[float, np.ndarray]:
+    r"""Mean cross-entropy of ``softmax(logits)`` for integer ``labels``, and gradient.
+
+    With $p = \mathrm{softmax}(z)$ and the one-hot label $y$, the loss of one example is
+    $-\log p_y$ and its gradient is simply $\partial L / \partial z = p - y$: the
+    softmax's Jacobian and the logarithm's derivative cancel. Averaged over the ``N``
+    examples.
+    """
     n = len(logits)
     # subtract each row's max first, as in the attention chapter: nothing overflows
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -188,17 +195,15 @@ def train(
 ) -> dict[str, list[float]]:
     """Mini-batch SGD on softmax cross-entropy; loss and accuracy per epoch on both.
 
-    Optional: heavy-ball ``momentum`` (``v = momentum * v + grad``, ``param -= lr * v``),
-    ``lr_schedule(step)`` giving the learning rate of every step instead of ``lr``, and
-    ``augment(batch, rng)`` transforming each training batch (e.g. random shifts).
+    Optional: heavy-ball ``momentum`` (``v = momentum * v + grad``,
+    ``param -= lr * v``), ``lr_schedule(step)`` giving the learning rate of every step
+    instead of ``lr``, and ``augment(batch, rng)`` transforming each training batch
+    (e.g. random shifts).
     """
-    for name, n in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    check_positive_int(epochs, "epochs")
+    check_positive_int(batch_size, "batch_size")
+    check_number(lr, "lr", low=0, low_open=True)
+    check_number(momentum, "momentum", low=0, high=1, high_open=True)
     rng = np.random.default_rng(seed)
     history: dict[str, list[float]] = {
         k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")

@@ -60,6 +60,39 @@ def _check_betas(betas: tuple[float, float]) -> tuple[float, float]:
     return betas
 
 
+def _check_params(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters as a list: floating-point leaf tensors that need gradients."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params must be an iterable of tensors (e.g. model.parameters() or "
+            "[w]), got a single tensor"
+        )
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: an optimizer needs parameters to update")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise TypeError(f"params[{i}] must be a floating-point torch.Tensor")
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] does not require gradients")
+        if not p.is_leaf:
+            raise ValueError(f"params[{i}] is not a leaf tensor: it never gets a .grad")
+    return params
+
+
+def _check_momentum(momentum: float, nesterov: bool) -> float:
+    check_number(momentum, "momentum", low=0, high=1, high_open=True)
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=True needs a momentum > 0")
+    return momentum
+
+
+def _check_closure(closure: Closure | None) -> Closure:
+    if closure is None:
+        raise ValueError("SAM.step needs a closure that recomputes loss and grads")
+    return closure
+
+
 class Optimizer:
     """What every optimizer here shares: parameters, state, ``zero_grad``, ``step``.
 
@@ -69,23 +102,7 @@ class Optimizer:
     def __init__(
         self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0
     ) -> None:
-        if isinstance(params, torch.Tensor):
-            raise TypeError(
-                "params must be an iterable of tensors (e.g. model.parameters() or "
-                "[w]), got a single tensor"
-            )
-        self.params = list(params)
-        if not self.params:
-            raise ValueError("params is empty: an optimizer needs parameters to update")
-        for i, p in enumerate(self.params):
-            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-                raise TypeError(f"params[{i}] must be a floating-point torch.Tensor")
-            if not p.requires_grad:
-                raise ValueError(f"params[{i}] does not require gradients")
-            if not p.is_leaf:
-                raise ValueError(
-                    f"params[{i}] is not a leaf tensor: it never gets a .grad"
-                )
+        self.params = _check_params(params)
         self.lr = check_number(lr, "lr", low=0)
         self.weight_decay = check_number(weight_decay, "weight_decay", low=0)
         self.state: list[dict[str, torch.Tensor | int]] = [{} for _ in self.params]
@@ -130,11 +147,7 @@ class SGD(Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(params, lr, weight_decay)
-        self.momentum = check_number(
-            momentum, "momentum", low=0, high=1, high_open=True
-        )
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov=True needs a momentum > 0")
+        self.momentum = _check_momentum(momentum, nesterov)
         self.nesterov = nesterov
 
     def update(self, p: torch.Tensor, g: torch.Tensor, state: dict) -> None:
@@ -322,7 +335,7 @@ class Lion(Optimizer):
 
 
 class _Wrapper:
-    """An optimizer around a dlabc ``optimizer``: shares its learning rate and gradients."""
+    """Wraps a dlabc ``optimizer``, sharing its learning rate and gradients."""
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -384,8 +397,7 @@ class SAM(_Wrapper):
         self.rho = check_number(rho, "rho", low=0, low_open=True)
 
     def step(self, closure: Closure | None = None) -> torch.Tensor:
-        if closure is None:
-            raise ValueError("SAM.step needs a closure that recomputes loss and grads")
+        closure = _check_closure(closure)
         with torch.enable_grad():
             loss = closure()  # gradients at theta
         params = [p for p in self.optimizer.params if p.grad is not None]
@@ -440,8 +452,7 @@ def warmup_cosine(
 ) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps`` steps, then :func:`cosine` decay.
 
-    Step ``t < warmup_steps`` uses ``lr * (t + 1) / warmup_steps``, so the last warm-up
-    step reaches ``lr``; the cosine then runs over the remaining steps.
+    Checks the arguments, then computes :func:`_warmup_cosine`.
     """
     _check_step(step)
     check_number(min_lr, "min_lr", low=0, high=check_number(lr, "lr", low=0))
@@ -452,6 +463,17 @@ def warmup_cosine(
             f"warmup_steps ({warmup_steps}) must be less than "
             f"total_steps ({total_steps})"
         )
+    return _warmup_cosine(step, lr, warmup_steps, total_steps, min_lr)
+
+
+def _warmup_cosine(
+    step: int, lr: float, warmup_steps: int, total_steps: int, min_lr: float
+) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps`` steps, then :func:`cosine` decay.
+
+    Step ``t < warmup_steps`` uses ``lr * (t + 1) / warmup_steps``, so the last warm-up
+    step reaches ``lr``; the cosine then runs over the remaining steps.
+    """
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     return cosine(step - warmup_steps, lr, total_steps - warmup_steps, min_lr)
@@ -475,7 +497,11 @@ def run_on_surface(
     start: tuple[float, float],
     steps: int,
 ) -> torch.Tensor:
-    """Minimise ``loss_fn`` from ``start``; return the path ``(steps + 1, 2)``."""
+    """Minimise ``loss_fn`` from ``start``; return the path ``(steps + 1, 2)``.
+
+    A run that diverges stops at the first point that is not finite (inf or nan, which
+    no later step can leave), so its path is shorter and ends at that point.
+    """
     check_positive_int(steps, "steps")
     point = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     optimizer = make_optimizer([point])
@@ -490,4 +516,6 @@ def run_on_surface(
     for _ in range(steps):
         optimizer.step(closure)
         path.append(point.detach().clone())
+        if not torch.isfinite(path[-1]).all():
+            break  # diverged: every later point would be inf or nan too
     return torch.stack(path)

@@ -35,6 +35,11 @@ __all__ = [
 ]
 
 
+def _check_dropout(x: object, p: float) -> float:
+    check_tensor(x, "x", floating=True)
+    return check_number(p, "p", low=0, high=1)
+
+
 def dropout(
     x: torch.Tensor,
     p: float,
@@ -46,8 +51,7 @@ def dropout(
     The scaling keeps the expected value of every element unchanged, so in evaluation
     (``training=False``) dropout is simply the identity.
     """
-    check_tensor(x, "x", floating=True)
-    p = check_number(p, "p", low=0, high=1)
+    p = _check_dropout(x, p)
     if not training or p == 0:
         return x
     if p == 1:
@@ -99,6 +103,18 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
     return total.item()
 
 
+def _check_micro_batches(X: object, y: object, micro_batches: int) -> None:
+    check_tensor(X, "X")
+    check_tensor(y, "y")
+    check_positive_int(micro_batches, "micro_batches")
+    if len(X) != len(y):
+        raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
+    if micro_batches > len(X):
+        raise ValueError(
+            f"micro_batches ({micro_batches}) exceeds the batch size ({len(X)})"
+        )
+
+
 def accumulate_gradients(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -114,15 +130,7 @@ def accumulate_gradients(
     Gradients are added to what ``.grad`` holds (call ``zero_grad`` first).
     Returns the whole batch's loss.
     """
-    check_tensor(X, "X")
-    check_tensor(y, "y")
-    check_positive_int(micro_batches, "micro_batches")
-    if len(X) != len(y):
-        raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
-    if micro_batches > len(X):
-        raise ValueError(
-            f"micro_batches ({micro_batches}) exceeds the batch size ({len(X)})"
-        )
+    _check_micro_batches(X, y, micro_batches)
     total = 0.0
     for xb, yb in zip(
         X.tensor_split(micro_batches), y.tensor_split(micro_batches), strict=True
@@ -134,6 +142,23 @@ def accumulate_gradients(
     return total
 
 
+def _check_module(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _check_test_loss(history: History) -> None:
+    if not history.test_loss:
+        raise ValueError("EarlyStopping needs a test set: pass test=(X, y) to fit")
+
+
+def _check_recorded(state: dict | None) -> dict:
+    if state is None:
+        raise RuntimeError("no epoch has been recorded yet")
+    return state
+
+
 class EarlyStopping:
     """Stop when the test (validation) loss has not improved for ``patience`` epochs.
 
@@ -142,9 +167,7 @@ class EarlyStopping:
     """
 
     def __init__(self, model: nn.Module, patience: int, min_delta: float = 0.0):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = _check_module(model)
         self.patience = check_positive_int(patience, "patience")
         self.min_delta = check_number(min_delta, "min_delta", low=0)
         self.best_loss = float("inf")
@@ -152,8 +175,7 @@ class EarlyStopping:
         self.best_state: dict | None = None
 
     def __call__(self, epoch: int, history: History) -> bool:
-        if not history.test_loss:
-            raise ValueError("EarlyStopping needs a test set: pass test=(X, y) to fit")
+        _check_test_loss(history)
         loss = history.test_loss[-1]
         if loss < self.best_loss - self.min_delta:
             self.best_loss, self.best_epoch = loss, epoch
@@ -162,6 +184,4 @@ class EarlyStopping:
 
     def restore(self) -> None:
         """Load the weights of the best epoch back into the model."""
-        if self.best_state is None:
-            raise RuntimeError("no epoch has been recorded yet")
-        self.model.load_state_dict(self.best_state)
+        self.model.load_state_dict(_check_recorded(self.best_state))

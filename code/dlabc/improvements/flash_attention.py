@@ -46,6 +46,13 @@ __all__ = [
 ]
 
 
+def _check_softmax(x: object, chunk_size: object) -> None:
+    check_tensor(x, "x", floating=True)
+    check_positive_int(chunk_size, "chunk_size")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last axis, got {tuple(x.shape)}")
+
+
 def online_softmax(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     r"""Softmax over the last axis, reading it in chunks of ``chunk_size`` entries.
 
@@ -57,10 +64,7 @@ def online_softmax(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     After the last chunk $\ell = \sum_j e^{x_j - m}$ with $m = \max_j x_j$, and
     $\mathrm{softmax}(x)_i = e^{x_i - m} / \ell$ (Milakov & Gimelshein, algorithm 3).
     """
-    check_tensor(x, "x", floating=True)
-    check_positive_int(chunk_size, "chunk_size")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last axis, got {tuple(x.shape)}")
+    _check_softmax(x, chunk_size)
     m = torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
     ell = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)  # (...,)
     for start in range(0, x.shape[-1], chunk_size):
@@ -161,6 +165,30 @@ def _check_blocks(block_q: object, block_k: object, causal: object) -> None:
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
 
+def _check_attention(
+    q: object, k: object, v: object, block_q: object, block_k: object, causal: object
+) -> None:
+    _check_qkv(q, k, v)
+    _check_blocks(block_q, block_k, causal)
+
+
+def _check_saved(
+    q: object, v: object, out: object, lse: object, grad_out: object
+) -> None:
+    """``out`` and ``grad_out`` ``(..., T_q, d_v)``, ``lse`` ``(..., T_q)``."""
+    expected = (*q.shape[:-1], v.shape[-1])
+    for name, t, shape in (
+        ("out", out, expected),
+        ("grad_out", grad_out, expected),
+        ("lse", lse, q.shape[:-1]),
+    ):
+        check_tensor(t, name, floating=True)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}"
+            )
+
+
 def _scores(
     q_blk: torch.Tensor,
     k_blk: torch.Tensor,
@@ -203,8 +231,7 @@ def flash_attention_forward(
 
     Returns ``out`` ``(..., T_q, d_v)`` and ``lse`` ``(..., T_q)``.
     """
-    _check_qkv(q, k, v)
-    _check_blocks(block_q, block_k, causal)
+    _check_attention(q, k, v, block_q, block_k, causal)
     t_q, t_k = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -254,19 +281,8 @@ def flash_attention_backward(
     (FlashAttention-2, algorithm 2: key blocks in the outer loop).
     Returns ``(dq, dk, dv)`` with the shapes of ``q``, ``k``, ``v``.
     """
-    _check_qkv(q, k, v)
-    _check_blocks(block_q, block_k, causal)
-    expected = (*q.shape[:-1], v.shape[-1])
-    for name, t, shape in (
-        ("out", out, expected),
-        ("grad_out", grad_out, expected),
-        ("lse", lse, q.shape[:-1]),
-    ):
-        check_tensor(t, name, floating=True)
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(
-                f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}"
-            )
+    _check_attention(q, k, v, block_q, block_k, causal)
+    _check_saved(q, v, out, lse, grad_out)
     t_q, t_k = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     d = (grad_out * out).sum(dim=-1)  # (..., T_q): D = rowsum(dO o O)
@@ -326,8 +342,7 @@ def flash_attention(
 ) -> torch.Tensor:
     """Tiled exact attention with autograd support; the same result as
     ``F.scaled_dot_product_attention(q, k, v, is_causal=causal)``."""
-    _check_qkv(q, k, v)
-    _check_blocks(block_q, block_k, causal)
+    _check_attention(q, k, v, block_q, block_k, causal)
     return FlashAttention.apply(q, k, v, block_q, block_k, causal)
 
 

@@ -26,8 +26,8 @@ sliding window follows Hugging Face's Mistral (the paper counts one key more): w
 ``window`` $= w$ a query at position $i$ sees the keys $j$ with $i - w < j \le i$,
 itself and the $w - 1$ before it (``MistralConfig(sliding_window=w)``).
 :class:`GQALM` (the book's :class:`~dlabc.decoder.DecoderLM` with this attention),
-:func:`generate` and :func:`reachable` serve the chapter's experiments.
-Shapes: ``B`` batch, ``h`` query heads, ``g`` key-value heads (``n_kv_heads``), ``T`` new
+:func:`generate` and :func:`reachable` serve the chapter's experiments. Shapes:
+``B`` batch, ``h`` query heads, ``g`` key-value heads (``n_kv_heads``), ``T`` new
 positions, ``S`` cached plus new positions, ``d_head`` features per head.
 """
 
@@ -118,8 +118,8 @@ def kv_cache_bytes(
     batch: int = 1,
     bytes_per_value: int = 2,
 ) -> int:
-    r"""The bytes of a key-value cache: $2 \cdot L \cdot g \cdot d_{head} \cdot T \cdot B
-    \cdot b$.
+    r"""The bytes of a key-value cache:
+    $2 \cdot L \cdot g \cdot d_{head} \cdot T \cdot B \cdot b$.
 
     One key and one value (the 2) of $g\,d_{head}$ numbers per layer, per position and
     per sequence, $b$ bytes each (2 for float16 or bfloat16, 4 for float32, 1 for
@@ -151,6 +151,7 @@ class LayerKVCache(Cache):
     """
 
     dim = 2  # (B, g, S, d_head): positions on axis 2
+    names, ndim = ("k", "v"), 4
 
     @property
     def k(self) -> torch.Tensor | None:
@@ -183,8 +184,8 @@ class GroupedQueryAttention(nn.Module):
     ``positions`` an integer tensor ``(T,)`` or ``(B, T)`` of the positions RoPE
     rotates by (default ``cache.seen .. cache.seen + T - 1``, or ``0 .. T - 1``);
     ``cache`` a :class:`LayerKVCache` that the new keys and values are appended to
-    (``LayerKVCache(keep=window - 1)`` suffices for a window). The mask is by the order in
-    which positions arrive (as in Hugging Face), not by ``positions``.
+    (``LayerKVCache(keep=window - 1)`` suffices for a window). The mask is by the
+    order in which positions arrive (as in Hugging Face), not by ``positions``.
     """
 
     def __init__(
@@ -344,6 +345,13 @@ def generate(
     check_positive_int(n_new, "n_new")
     if prompt.shape[1] == 0:
         raise ValueError("prompt must hold at least one token")
+    return _generate(model, prompt, n_new, use_cache)
+
+
+def _generate(
+    model: GQALM, prompt: torch.Tensor, n_new: int, use_cache: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`generate`, unchecked."""
     was_training = model.training
     model.eval()
     cache = model.new_cache() if use_cache else None

@@ -56,6 +56,7 @@ class LatentCache(Cache):
     """
 
     dim = 1  # (B, S, d): positions on axis 1
+    names, ndim = ("c_kv", "k_rope"), 3
 
     @property
     def c_kv(self) -> torch.Tensor | None:

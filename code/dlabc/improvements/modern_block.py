@@ -114,20 +114,32 @@ class GeluFeedForward(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)  # W_down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", floating=True)
-        if x.dim() == 0 or x.shape[-1] != self.up_proj.in_features:
-            raise ValueError(
-                f"x must end with d_model={self.up_proj.in_features}, "
-                f"got shape {tuple(x.shape)}"
-            )
+        _check_width(x, self.up_proj.in_features)
         # W_down GELU(W_up x)
         return self.down_proj(F.gelu(self.up_proj(x)))  # (..., d_model)
 
 
+def _check_width(x: object, d_model: int) -> None:
+    check_tensor(x, "x", floating=True)
+    if x.dim() == 0 or x.shape[-1] != d_model:
+        raise ValueError(
+            f"x must end with d_model={d_model}, got shape {tuple(x.shape)}"
+        )
+
+
 def _make_norm(norm: str, d_model: int, eps: float) -> nn.Module:
-    if norm == "rms":
-        return RMSNorm(d_model, eps=eps)
-    return LayerNorm(d_model, eps=eps)
+    _check_choice(norm, "norm", NORMS)
+    check_number(eps, "eps", low=0, low_open=True)
+    return RMSNorm(d_model, eps=eps) if norm == "rms" else LayerNorm(d_model, eps=eps)
+
+
+def _make_ffn(ffn: str, d_model: int, d_ff: int) -> nn.Module:
+    _check_choice(ffn, "ffn", FFNS)
+    check_positive_int(d_model, "d_model")
+    check_positive_int(d_ff, "d_ff")
+    if ffn == "swiglu":
+        return GatedFeedForward(d_model, d_ff, F.silu)  # SiLU gate: SwiGLU
+    return GeluFeedForward(d_model, d_ff)
 
 
 def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
@@ -170,19 +182,9 @@ class LlamaBlock(DecoderBlock):
         eps: float = 1e-6,
         base: float = 10000.0,
     ) -> None:
-        check_positive_int(d_model, "d_model")
-        check_positive_int(d_ff, "d_ff")
-        _check_choice(norm, "norm", NORMS)
-        _check_choice(ffn, "ffn", FFNS)
-        check_number(eps, "eps", low=0, low_open=True)
         attn = GroupedQueryAttention(d_model, n_heads, n_kv_heads, base=base)
-        ff = (
-            GatedFeedForward(d_model, d_ff, F.silu)  # SiLU gate: SwiGLU
-            if ffn == "swiglu"
-            else GeluFeedForward(d_model, d_ff)
-        )
+        ff = _make_ffn(ffn, d_model, d_ff)  # SwiGLU, or the GELU network
         super().__init__(attn, ff, lambda: _make_norm(norm, d_model, eps), norm_first)
-        self.d_model = d_model
 
 
 class BlockLM(DecoderLM):
@@ -208,8 +210,6 @@ class BlockLM(DecoderLM):
         ffn: str = "swiglu",
         eps: float = 1e-6,
     ) -> None:
-        check_positive_int(d_model, "d_model")
-        _check_choice(norm, "norm", NORMS)
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
 
         def make_block(i: int) -> LlamaBlock:

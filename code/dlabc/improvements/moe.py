@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.decoder import DecoderBlock, DecoderLM
 from dlabc.foundations.activations import GatedFeedForward
 from dlabc.foundations.normalization import LayerNorm
-from dlabc.decoder import DecoderBlock, DecoderLM
 from dlabc.improvements.rope_alibi import CausalSelfAttention
 from dlabc.transformers.positional_encoding import SinusoidalPositionalEncoding
 
@@ -104,7 +104,14 @@ def route(
     _check_top_k(top_k, logits.shape[1])
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    probs = F.softmax(logits, dim=-1)  # (N, E)
+    return _route(logits, top_k, normalize)
+
+
+def _route(
+    logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`route`, unchecked."""
+    probs = F.softmax(logits, dim=-1)  # (N, E): p = softmax(x W_r)
     weights, experts = probs.topk(top_k, dim=-1)  # (N, k) each, best first
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True)  # sum to 1 per token
@@ -140,8 +147,19 @@ def apply_capacity(
     check_tensor(experts, "experts", ndim=2, dtype=torch.long)
     check_positive_int(n_experts, "n_experts")
     check_positive_int(capacity, "capacity")
-    if experts.numel() and (experts.min() < 0 or experts.max() >= n_experts):
+    if (
+        experts.device.type == "cpu"
+        and experts.numel()
+        and (experts.min() < 0 or experts.max() >= n_experts)
+    ):
         raise ValueError(f"experts must lie in 0..{n_experts - 1}")
+    return _apply_capacity(experts, n_experts, capacity)
+
+
+def _apply_capacity(
+    experts: torch.Tensor, n_experts: int, capacity: int
+) -> torch.Tensor:
+    """:func:`apply_capacity`, unchecked."""
     order = experts.t().reshape(-1)  # (k N,): choice rank first, then token
     one_hot = F.one_hot(order, n_experts)  # (k N, E)
     position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # (k N,): place in queue
@@ -166,12 +184,19 @@ def load_balancing_loss(
             f"experts {tuple(experts.shape)} and probs {tuple(probs.shape)} must have "
             "one row per token"
         )
-    n_experts = probs.shape[1]
     if mask is None:
         mask = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
     check_tensor(mask, "mask", ndim=1, dtype=torch.bool)
     if mask.shape[0] != probs.shape[0]:
         raise ValueError(f"mask must have shape ({probs.shape[0]},)")
+    return _load_balancing_loss(probs, experts, mask)
+
+
+def _load_balancing_loss(
+    probs: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """:func:`load_balancing_loss`, unchecked; ``mask`` ``(N,)`` True = a real token."""
+    n_experts = probs.shape[1]
     real = mask.to(probs.dtype)  # (N,)
     chosen = F.one_hot(experts, n_experts).sum(1).to(probs.dtype)  # (N, E)
     f = (chosen * real[:, None]).sum(0) / real.sum()  # (E,): fraction of tokens
@@ -248,16 +273,19 @@ class SparseMoE(nn.Module):
             raise ValueError(
                 f"x must end in d_model={self.d_model}, got shape {tuple(x.shape)}"
             )
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.d_model)  # (N, d)
         logits = self.gate(tokens)  # (N, E): x W_r
-        probs, experts, weights = route(logits, self.top_k, self.normalize)
+        probs, experts, weights = _route(logits, self.top_k, self.normalize)
         if self.capacity_factor is None or tokens.shape[0] == 0:
             kept = torch.ones_like(experts, dtype=torch.bool)
         else:
             capacity = expert_capacity(
                 tokens.shape[0], self.n_experts, self.capacity_factor, self.top_k
             )
-            kept = apply_capacity(experts, self.n_experts, capacity)  # (N, k)
+            kept = _apply_capacity(experts, self.n_experts, capacity)  # (N, k)
         weights = weights * kept  # a dropped assignment has gate 0
         out = torch.zeros_like(tokens)  # (N, d)
         for i, expert in enumerate(self.experts):
@@ -273,7 +301,8 @@ class SparseMoE(nn.Module):
         if self.routing is None:
             raise RuntimeError("call the module first: there is no routing yet")
         r = self.routing
-        return load_balancing_loss(r.probs, r.experts), router_z_loss(r.logits)
+        balance = load_balancing_loss(r.probs, r.experts)
+        return balance, router_z_loss(r.logits)
 
 
 class TinyLM(DecoderLM):

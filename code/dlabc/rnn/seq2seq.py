@@ -139,6 +139,8 @@ def source_mask(src: torch.Tensor) -> torch.Tensor:
             f"src must hold at least one token, got shape {tuple(src.shape)}"
         )
     mask = src != PAD  # (B, S)
+    if src.device.type != "cpu":  # the value checks below would sync the GPU
+        return mask
     lengths = mask.sum(1)  # (B,)
     if (lengths == 0).any():
         rows = (lengths == 0).nonzero().flatten().tolist()
@@ -146,6 +148,16 @@ def source_mask(src: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(src.shape[1], device=src.device)  # (S,)
     if not torch.equal(mask, positions < lengths[:, None]):
         raise ValueError("src must be padded at the end: a <pad> sits before a token")
+    return mask
+
+
+def _check_source(src: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """:func:`source_mask`, and on the CPU the ids' range too (no GPU sync)."""
+    mask = source_mask(src)
+    if src.device.type == "cpu" and src.max() >= vocab_size:
+        raise ValueError(
+            f"src ids must be below vocab_size={vocab_size}, got {src.max().item()}"
+        )
     return mask
 
 
@@ -174,12 +186,7 @@ class Encoder(nn.Module):
         r"""``src`` ``(B, S)`` -> the annotations ``(B, S, 2H)`` (zero on padding) and
         the summary $m = [\overrightarrow{h}_S; \overleftarrow{h}_1]$ ``(B, 2H)``: the
         last state of each direction."""
-        mask = source_mask(src)
-        if src.max() >= self.embedding.num_embeddings:
-            raise ValueError(
-                f"src ids must be below vocab_size={self.embedding.num_embeddings}, "
-                f"got {src.max().item()}"
-            )
+        mask = _check_source(src, self.embedding.num_embeddings)  # (B, S)
         lengths = mask.sum(1).cpu()  # (B,)
         packed = nn.utils.rnn.pack_padded_sequence(
             self.embedding(src), lengths, batch_first=True, enforce_sorted=False
@@ -189,6 +196,32 @@ class Encoder(nn.Module):
             out, batch_first=True, total_length=src.shape[1]
         )  # (B, S, 2H)
         return annotations, torch.cat([h_n[0], h_n[1]], dim=-1)  # (B, 2H)
+
+
+def _check_attention(
+    attention: AdditiveAttention, query: object, keys: object, mask: object
+) -> None:
+    """Shapes and dtypes of the attention's inputs; on the CPU, the mask too."""
+    check_tensor(query, "query", ndim=2, floating=True)
+    check_tensor(keys, "keys", ndim=3, floating=True)
+    check_tensor(mask, "mask", ndim=2, dtype=torch.bool)
+    if query.shape[1] != attention.query_size:
+        raise ValueError(
+            f"query must have query_size={attention.query_size} features, got shape "
+            f"{tuple(query.shape)}"
+        )
+    if keys.shape[2] != attention.key_size:
+        raise ValueError(
+            f"keys must have key_size={attention.key_size} features, got shape "
+            f"{tuple(keys.shape)}"
+        )
+    if keys.shape[0] != query.shape[0] or mask.shape != keys.shape[:2]:
+        raise ValueError(
+            f"query {tuple(query.shape)}, keys {tuple(keys.shape)} and mask "
+            f"{tuple(mask.shape)} must agree on the batch (B) and source (S) sizes"
+        )
+    if mask.device.type == "cpu" and not mask.any(1).all():
+        raise ValueError("mask hides every key of a sequence: it has no source token")
 
 
 class AdditiveAttention(nn.Module):
@@ -229,28 +262,7 @@ class AdditiveAttention(nn.Module):
         ``projected_keys``, ``W_k(keys)``, may be passed in: it is the same at every
         step of the decoder, which computes it once per sentence.
         """
-        check_tensor(query, "query", ndim=2, floating=True)
-        check_tensor(keys, "keys", ndim=3, floating=True)
-        check_tensor(mask, "mask", ndim=2, dtype=torch.bool)
-        if query.shape[1] != self.query_size:
-            raise ValueError(
-                f"query must have query_size={self.query_size} features, got shape "
-                f"{tuple(query.shape)}"
-            )
-        if keys.shape[2] != self.key_size:
-            raise ValueError(
-                f"keys must have key_size={self.key_size} features, got shape "
-                f"{tuple(keys.shape)}"
-            )
-        if keys.shape[0] != query.shape[0] or mask.shape != keys.shape[:2]:
-            raise ValueError(
-                f"query {tuple(query.shape)}, keys {tuple(keys.shape)} and mask "
-                f"{tuple(mask.shape)} must agree on the batch (B) and source (S) sizes"
-            )
-        if not mask.any(1).all():
-            raise ValueError(
-                "mask hides every key of a sequence: it has no source token"
-            )
+        _check_attention(self, query, keys, mask)
         if projected_keys is None:
             projected_keys = self.W_k(keys)  # (B, S, A)
         # e_j = v^T tanh(W_q q + W_k k_j), for all j at once
@@ -276,6 +288,47 @@ class Memory:
         projected = None if self.projected is None else self.projected[rows]
         return Memory(
             self.annotations[rows], self.mask[rows], self.summary[rows], projected
+        )
+
+
+def _check_memory(decoder: Decoder, memory: object) -> None:
+    if not isinstance(memory, Memory):
+        raise TypeError(f"memory must be a Memory, got {type(memory).__name__}")
+    for name in ("annotations", "summary"):
+        features = getattr(memory, name).shape[-1]
+        if features != decoder.context_size:
+            raise ValueError(
+                f"memory.{name} has {features} features, but the decoder's "
+                f"context_size is {decoder.context_size} (2 * the encoder's hidden "
+                "size)"
+            )
+
+
+def _check_step(decoder: Decoder, prev: object, state: object, memory: object) -> None:
+    check_tensor(prev, "prev", ndim=1, dtype=torch.long)
+    check_tensor(state, "state", ndim=2, floating=True)
+    _check_memory(decoder, memory)
+    if not len(prev) == len(state) == len(memory.summary):
+        raise ValueError(
+            f"prev {tuple(prev.shape)}, state {tuple(state.shape)} and the memory "
+            f"of {len(memory.summary)} sentences must have the same batch size"
+        )
+
+
+def _check_inputs(decoder: Decoder, inputs: object, memory: object) -> None:
+    check_tensor(inputs, "inputs", ndim=2, dtype=torch.long)
+    _check_memory(decoder, memory)
+    batch = len(memory.summary)
+    if len(inputs) != batch or inputs.shape[1] == 0:
+        raise ValueError(
+            f"inputs must be (B, T) with T >= 1 for the memory's B={batch} "
+            f"sentences, got shape {tuple(inputs.shape)}"
+        )
+    on_cpu = inputs.device.type == "cpu"  # the ids' range: no GPU sync
+    if on_cpu and (inputs.min() < 0 or inputs.max() >= decoder.vocab_size):
+        raise ValueError(
+            f"inputs must be ids in 0..{decoder.vocab_size - 1}, got "
+            f"{inputs.min().item()}..{inputs.max().item()}"
         )
 
 
@@ -326,21 +379,9 @@ class Decoder(nn.Module):
         self.cell = nn.GRUCell(embed_size + context_size, hidden_size)
         self.out = nn.Linear(hidden_size + context_size + embed_size, vocab_size)
 
-    def _check_memory(self, memory: Memory) -> None:
-        if not isinstance(memory, Memory):
-            raise TypeError(f"memory must be a Memory, got {type(memory).__name__}")
-        for name in ("annotations", "summary"):
-            features = getattr(memory, name).shape[-1]
-            if features != self.context_size:
-                raise ValueError(
-                    f"memory.{name} has {features} features, but the decoder's "
-                    f"context_size is {self.context_size} (2 * the encoder's hidden "
-                    "size)"
-                )
-
     def initial_state(self, memory: Memory) -> torch.Tensor:
         r"""$s_0 = \tanh(W_s\, m)$, ``(B, H)``, from the summary ``(B, 2H)``."""
-        self._check_memory(memory)
+        _check_memory(self, memory)
         return torch.tanh(self.init_state(memory.summary))
 
     def _advance(
@@ -361,14 +402,7 @@ class Decoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One step: the previous tokens ``(B,)`` and state ``(B, H)`` -> the logits
         ``(B, V)``, the new state ``(B, H)``, the attention weights ``(B, S)``."""
-        check_tensor(prev, "prev", ndim=1, dtype=torch.long)
-        check_tensor(state, "state", ndim=2, floating=True)
-        self._check_memory(memory)
-        if not len(prev) == len(state) == len(memory.summary):
-            raise ValueError(
-                f"prev {tuple(prev.shape)}, state {tuple(state.shape)} and the memory "
-                f"of {len(memory.summary)} sentences must have the same batch size"
-            )
+        _check_step(self, prev, state, memory)
         embedded = self.embedding(prev)  # (B, E)
         state, context, weights = self._advance(embedded, state, memory)
         logits = self.out(torch.cat([state, context, embedded], -1))  # (B, V)
@@ -382,18 +416,8 @@ class Decoder(nn.Module):
 
         Returns the logits ``(B, T, V)`` and the weights ``(B, T, S)`` (or ``None``).
         """
-        check_tensor(inputs, "inputs", ndim=2, dtype=torch.long)
+        _check_inputs(self, inputs, memory)
         state = self.initial_state(memory)  # (B, H)
-        if len(inputs) != len(state) or inputs.shape[1] == 0:
-            raise ValueError(
-                f"inputs must be (B, T) with T >= 1 for the memory's B={len(state)} "
-                f"sentences, got shape {tuple(inputs.shape)}"
-            )
-        if inputs.min() < 0 or inputs.max() >= self.vocab_size:
-            raise ValueError(
-                f"inputs must be ids in 0..{self.vocab_size - 1}, got "
-                f"{inputs.min().item()}..{inputs.max().item()}"
-            )
         embedded = self.embedding(inputs)  # (B, T, E)
         states, contexts, weights = [], [], []
         for t in range(inputs.shape[1]):
@@ -443,7 +467,8 @@ class Seq2Seq(nn.Module):
                 f"tgt must be (B, T) with T >= 1 and the B={src.shape[0]} of src, got "
                 f"shape {tuple(tgt.shape)}"
             )
-        if tgt.min() < 0 or tgt.max() >= self.decoder.vocab_size:
+        on_cpu = tgt.device.type == "cpu"  # the ids' range: no GPU sync
+        if on_cpu and (tgt.min() < 0 or tgt.max() >= self.decoder.vocab_size):
             raise ValueError(
                 f"tgt ids must lie in 0..{self.decoder.vocab_size - 1}, got "
                 f"{tgt.min().item()}..{tgt.max().item()}"

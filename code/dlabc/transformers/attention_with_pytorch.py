@@ -109,7 +109,8 @@ def _check_qkv(query, key, value, mask, d_model: int) -> None:
             "and key and value the length"
         )
     if mask is not None:
-        check_mask(mask, (query.shape[0], query.shape[1], key.shape[1]))
+        shape = (query.shape[0], 1, query.shape[1], key.shape[1])  # (B, 1, T_q, T_k)
+        check_mask(expand_mask_for_heads(mask), shape)
 
 
 def mha_parameter_count(d_model: int, bias: bool = True) -> int:

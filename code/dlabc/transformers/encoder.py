@@ -71,6 +71,45 @@ def _check_flag(value: object, name: str) -> bool:
     return value
 
 
+def _check_sizes(**sizes: object) -> None:
+    for name, value in sizes.items():
+        check_positive_int(value, name)
+
+
+def _check_features(x: object, d_model: int) -> None:
+    """``x`` must be a float ``(..., d_model)`` tensor."""
+    check_tensor(x, "x", floating=True)
+    if x.dim() == 0 or x.shape[-1] != d_model:
+        raise ValueError(f"x must end in d_model={d_model}, got shape {tuple(x.shape)}")
+
+
+def _check_input_and_mask(x: object, d_model: int, mask: object) -> None:
+    _check_input(x, d_model)
+    _check_encoder_mask(mask, x)
+
+
+def _check_stack(n_layers: object, norm_first: object, final_norm: object) -> bool:
+    """Check the arguments; return ``final_norm``, by default ``norm_first``."""
+    check_positive_int(n_layers, "n_layers")
+    _check_flag(norm_first, "norm_first")
+    return _check_flag(norm_first if final_norm is None else final_norm, "final_norm")
+
+
+def _check_counting_input(tokens: object, lengths: object, max_len: int) -> None:
+    check_tensor(tokens, "tokens", ndim=2, dtype=torch.long)
+    if tokens.shape[1] > max_len:
+        raise ValueError(
+            f"tokens may have at most max_len={max_len} positions, "
+            f"got shape {tuple(tokens.shape)}"
+        )
+    check_tensor(lengths, "lengths", ndim=1)
+    if len(lengths) != len(tokens):
+        raise ValueError(
+            f"lengths {tuple(lengths.shape)} must have one entry per sequence "
+            f"of tokens {tuple(tokens.shape)}"
+        )
+
+
 def _check_input(x: torch.Tensor, d_model: int) -> None:
     """``x`` must be a float ``(B, T, d_model)`` tensor."""
     check_tensor(x, "x", ndim=3, floating=True)
@@ -109,19 +148,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
         super().__init__()
-        check_positive_int(d_model, "d_model")
-        check_positive_int(d_ff, "d_ff")
+        _check_sizes(d_model=d_model, d_ff=d_ff)
         self.d_model, self.d_ff = d_model, d_ff
         self.linear1 = nn.Linear(d_model, d_ff)  # W_1, b_1
         self.linear2 = nn.Linear(d_ff, d_model)  # W_2, b_2
         self.dropout = nn.Dropout(_check_dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor(x, "x", floating=True)
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"x must end in d_model={self.d_model}, got shape {tuple(x.shape)}"
-            )
+        _check_features(x, self.d_model)
         hidden = F.relu(self.linear1(x))  # (..., d_ff): max(0, x W_1 + b_1)
         return self.linear2(self.dropout(hidden))  # (..., d_model)
 
@@ -173,8 +207,7 @@ class EncoderLayer(nn.Module):
         Returns the new ``x`` ``(B, T, d_model)`` and the attention weights
         ``(B, n_heads, T, T)``.
         """
-        _check_input(x, self.d_model)
-        _check_encoder_mask(mask, x)
+        _check_input_and_mask(x, self.d_model, mask)
         if self.norm_first:
             # x + Dropout(MultiHead(LN(x))), then x + Dropout(FFN(LN(x)))
             attended, weights = self.self_attn(self.norm1(x), mask=mask)
@@ -209,11 +242,7 @@ class TransformerEncoder(nn.Module):
         residual: bool = True,
     ) -> None:
         super().__init__()
-        check_positive_int(n_layers, "n_layers")
-        norm_first = _check_flag(norm_first, "norm_first")
-        if final_norm is None:
-            final_norm = norm_first
-        _check_flag(final_norm, "final_norm")
+        final_norm = _check_stack(n_layers, norm_first, final_norm)
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, n_heads, d_ff, dropout, norm_first, residual)
             for _ in range(n_layers)
@@ -229,8 +258,7 @@ class TransformerEncoder(nn.Module):
         Returns the output ``(B, T, d_model)`` and the attention weights of every
         layer, a list of ``n_layers`` tensors ``(B, n_heads, T, T)``.
         """
-        _check_input(x, self.d_model)
-        _check_encoder_mask(mask, x)
+        _check_input_and_mask(x, self.d_model, mask)
         all_weights = []
         for layer in self.layers:
             x, weights = layer(x, mask)  # (B, T, d_model), (B, h, T, T)
@@ -441,8 +469,7 @@ class CountingEncoder(nn.Module):
         norm_first: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int(n_symbols, "n_symbols")
-        check_positive_int(max_len, "max_len")
+        _check_sizes(n_symbols=n_symbols, max_len=max_len)
         self.max_len = max_len
         self.embedding = ScaledEmbedding(len(SPECIALS) + n_symbols, d_model)
         self.positions = SinusoidalPositionalEncoding(d_model, max_len=max_len)
@@ -456,18 +483,7 @@ class CountingEncoder(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``tokens`` ``(B, T)`` right-padded, ``lengths`` ``(B,)`` -> logits
         ``(B, T, max_len + 1)`` and the attention weights of every layer."""
-        check_tensor(tokens, "tokens", ndim=2, dtype=torch.long)
-        if tokens.shape[1] > self.max_len:
-            raise ValueError(
-                f"tokens may have at most max_len={self.max_len} positions, "
-                f"got shape {tuple(tokens.shape)}"
-            )
-        check_tensor(lengths, "lengths", ndim=1)
-        if len(lengths) != len(tokens):
-            raise ValueError(
-                f"lengths {tuple(lengths.shape)} must have one entry per sequence "
-                f"of tokens {tuple(tokens.shape)}"
-            )
+        _check_counting_input(tokens, lengths, self.max_len)
         mask = padding_mask(lengths, tokens.shape[1])  # (B, 1, T): padding hidden
         x = self.positions(self.embedding(tokens))  # (B, T, d_model)
         h, weights = self.encoder(x, mask)  # (B, T, d_model), [(B, h, T, T)] * L

@@ -64,6 +64,12 @@ def _check_base(base: object) -> float:
     return check_number(base, "base", low=1, low_open=True)
 
 
+def _check_table(max_len: object, d_model: object, base: object) -> float:
+    check_positive_int(max_len, "max_len")
+    _check_d_model(d_model)
+    return _check_base(base)
+
+
 def angular_frequencies(d_model: int, base: float = 10000.0) -> torch.Tensor:
     r"""$\omega_i = \mathrm{base}^{-2i/d}$ for $i = 0 \dots d/2 - 1$, float64.
 
@@ -75,6 +81,20 @@ def angular_frequencies(d_model: int, base: float = 10000.0) -> torch.Tensor:
     return base ** (-two_i / d_model)  # (d/2,)
 
 
+def _check_equivariance_args(layer: object, x: object, perm: object) -> None:
+    if not callable(layer):
+        raise TypeError(f"layer must be callable, got {type(layer).__name__}")
+    check_tensor(x, "x", ndim=3, floating=True)
+    check_tensor(perm, "perm", ndim=1, dtype=torch.long)
+    length = x.shape[1]
+    # a check on the CPU copy: this is a measurement helper, not a forward pass
+    if not torch.equal(perm.sort().values.cpu(), torch.arange(length)):
+        raise ValueError(
+            f"perm must be a permutation of 0..{length - 1} (x has length {length}), "
+            f"got {perm.tolist()}"
+        )
+
+
 def sinusoidal_encoding(
     max_len: int, d_model: int, base: float = 10000.0
 ) -> torch.Tensor:
@@ -84,9 +104,7 @@ def sinusoidal_encoding(
     $\omega_i = 1/\mathrm{base}^{2i/d}$: sine and cosine of the same frequency sit side
     by side (the interleaved layout). Computed in float64, returned as float32.
     """
-    check_positive_int(max_len, "max_len")
-    _check_d_model(d_model)
-    base = _check_base(base)
+    base = _check_table(max_len, d_model, base)
     positions = torch.arange(max_len, dtype=torch.float64)  # (max_len,)
     angles = positions[:, None] * angular_frequencies(d_model, base)  # (max_len, d/2)
     pe = torch.stack([angles.sin(), angles.cos()], dim=-1)  # (max_len, d/2, 2)
@@ -104,6 +122,13 @@ def wavelengths(d_model: int, base: float = 10000.0) -> torch.Tensor:
     return 2 * math.pi / angular_frequencies(d_model, base)  # (d/2,)
 
 
+def _check_rotation_args(k: object, d_model: object, base: object) -> float:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    _check_d_model(d_model)
+    return _check_base(base)
+
+
 def rotation_matrix(k: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
     r"""The matrix $M_k$ with $PE(p + k) = PE(p)\,M_k$ for every position $p$.
 
@@ -114,10 +139,7 @@ def rotation_matrix(k: int, d_model: int, base: float = 10000.0) -> torch.Tensor
     $\cos(a + b) = \cos a \cos b - \sin a \sin b$. It does not depend on $p$. ``k`` may
     be negative. Shape ``(d_model, d_model)``, float64.
     """
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    _check_d_model(d_model)
-    base = _check_base(base)
+    base = _check_rotation_args(k, d_model, base)
     angle = k * angular_frequencies(d_model, base)  # (d/2,)
     cos, sin = angle.cos(), angle.sin()
     # (d/2, 2, 2): [[cos, -sin], [sin, cos]] for each frequency
@@ -161,16 +183,7 @@ def equivariance_error(
     and then permuting its outputs. Zero (up to rounding) for self-attention without
     positions.
     """
-    if not callable(layer):
-        raise TypeError(f"layer must be callable, got {type(layer).__name__}")
-    check_tensor(x, "x", ndim=3, floating=True)
-    check_tensor(perm, "perm", ndim=1, dtype=torch.long)
-    length = x.shape[1]
-    if not torch.equal(perm.sort().values.cpu(), torch.arange(length)):
-        raise ValueError(
-            f"perm must be a permutation of 0..{length - 1} (x has length {length}), "
-            f"got {perm.tolist()}"
-        )
+    _check_equivariance_args(layer, x, perm)
 
     def apply(t: torch.Tensor) -> torch.Tensor:
         out = layer(t)
@@ -204,6 +217,12 @@ def _check_positions_input(
         )
 
 
+def _check_sinusoidal_args(d_model: object, max_len: object, dropout: object) -> None:
+    _check_d_model(d_model)
+    check_positive_int(max_len, "max_len")
+    check_number(dropout, "dropout", low=0, high=1, high_open=True)
+
+
 class SinusoidalPositionalEncoding(nn.Module):
     r"""Add the sinusoidal encoding (Vaswani et al., section 3.5), then dropout.
 
@@ -215,9 +234,8 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, d_model: int, max_len: int = 512, dropout: float = 0.0) -> None:
         super().__init__()
-        self.d_model = _check_d_model(d_model)
-        self.max_len = check_positive_int(max_len, "max_len")
-        check_number(dropout, "dropout", low=0, high=1, high_open=True)
+        _check_sinusoidal_args(d_model, max_len, dropout)
+        self.d_model, self.max_len = d_model, max_len
         self.dropout = nn.Dropout(dropout)
         # (max_len, d_model)
         self.register_buffer(
@@ -242,8 +260,8 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def __init__(self, max_len: int, d_model: int) -> None:
         super().__init__()
-        self.max_len = check_positive_int(max_len, "max_len")
-        self.d_model = check_positive_int(d_model, "d_model")
+        _check_sizes(max_len=max_len, d_model=d_model)
+        self.max_len, self.d_model = max_len, d_model
         self.embedding = nn.Embedding(max_len, d_model)  # (max_len, d_model)
         nn.init.normal_(self.embedding.weight, std=0.02)
 
@@ -268,29 +286,44 @@ class ScaledEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, d_model: int, scale: bool = True) -> None:
         super().__init__()
-        check_positive_int(vocab_size, "vocab_size")
-        self.d_model = check_positive_int(d_model, "d_model")
-        if not isinstance(scale, bool):
-            raise TypeError(f"scale must be a bool, got {type(scale).__name__}")
-        self.scale = scale
+        _check_sizes(vocab_size=vocab_size, d_model=d_model, scale=scale)
+        self.d_model, self.scale = d_model, scale
         self.embedding = nn.Embedding(vocab_size, d_model)  # (vocab, d_model)
         if scale:
             nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``(...)``, int64 -> ``(..., d_model)``."""
-        check_tensor(tokens, "tokens", dtype=torch.long)
-        vocab = self.embedding.num_embeddings
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise ValueError(
-                f"tokens must lie in 0..{vocab - 1} (vocab_size={vocab}), got values "
-                f"from {tokens.min().item()} to {tokens.max().item()}"
-            )
+        _check_tokens(tokens, self.embedding.num_embeddings)
         e = self.embedding(tokens)  # (..., d_model)
         return e * math.sqrt(self.d_model) if self.scale else e
 
 
+def _check_sizes(scale: object = False, **sizes: object) -> None:
+    for name, value in sizes.items():
+        check_positive_int(value, name)
+    if not isinstance(scale, bool):
+        raise TypeError(f"scale must be a bool, got {type(scale).__name__}")
+
+
+def _check_tokens(tokens: object, vocab: int) -> None:
+    check_tensor(tokens, "tokens", dtype=torch.long)
+    # reading the values would make a GPU wait: there, nn.Embedding raises on its own
+    if tokens.device.type == "cpu" and tokens.numel():
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise ValueError(
+                f"tokens must lie in 0..{vocab - 1} (vocab_size={vocab}), got values "
+                f"from {tokens.min().item()} to {tokens.max().item()}"
+            )
+
+
 POSITIONS = ("none", "sinusoidal", "learned")
+
+
+def _check_position_kind(max_len: object, positions: object) -> None:
+    check_positive_int(max_len, "max_len")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
 
 
 class PositionTaskModel(nn.Module):
@@ -311,9 +344,7 @@ class PositionTaskModel(nn.Module):
         positions: str = "sinusoidal",
     ) -> None:
         super().__init__()
-        check_positive_int(max_len, "max_len")
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        _check_position_kind(max_len, positions)
         self.positions = positions
         self.token_embedding = ScaledEmbedding(vocab_size, d_model)
         if positions == "sinusoidal":

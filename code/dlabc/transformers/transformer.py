@@ -94,6 +94,25 @@ def _check_features(x: object, name: str, d_model: int) -> torch.Tensor:
     return x
 
 
+def _check_layer_args(
+    d_model: object, d_ff: object, dropout: object, norm_first: object
+) -> bool:
+    check_positive_int(d_model, "d_model")
+    check_positive_int(d_ff, "d_ff")
+    check_number(dropout, "dropout", low=0, high=1, high_open=True)
+    return _check_flag(norm_first, "norm_first")
+
+
+def _check_layer_input(x: object, memory: object, d_model: int) -> None:
+    _check_features(x, "x", d_model)
+    _check_features(memory, "memory", d_model)
+    if memory.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"x {tuple(x.shape)} and memory {tuple(memory.shape)} must have the "
+            "same batch size"
+        )
+
+
 class DecoderLayer(nn.Module):
     r"""One decoder layer (Vaswani et al., section 3.1): three sub-layers,
 
@@ -116,10 +135,7 @@ class DecoderLayer(nn.Module):
         norm_first: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int(d_model, "d_model")
-        check_positive_int(d_ff, "d_ff")
-        check_number(dropout, "dropout", low=0, high=1, high_open=True)
-        self.norm_first = _check_flag(norm_first, "norm_first")
+        self.norm_first = _check_layer_args(d_model, d_ff, dropout, norm_first)
         self.d_model = d_model
         self.self_attn = MultiHeadAttention(d_model, n_heads)
         self.cross_attn = MultiHeadAttention(d_model, n_heads)
@@ -142,13 +158,7 @@ class DecoderLayer(nn.Module):
         broadcasts to ``(B, T, T)``, ``memory_mask`` to ``(B, T, S)``. Returns ``x``
         ``(B, T, d_model)`` and the self- and cross-attention weights ``(B, h, T, T)``
         and ``(B, h, T, S)``."""
-        _check_features(x, "x", self.d_model)
-        _check_features(memory, "memory", self.d_model)
-        if memory.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"x {tuple(x.shape)} and memory {tuple(memory.shape)} must have the "
-                "same batch size"
-            )
+        _check_layer_input(x, memory, self.d_model)
         return self.sublayers(
             x,
             lambda h: self.self_attn(h, mask=tgt_mask),  # queries, keys, values: h
@@ -406,13 +416,7 @@ class Transformer(nn.Module):
         """One step of incremental decoding: the newest token ``(B,)`` -> the logits
         ``(B, V)`` of the next, with the earlier positions' keys and values read from
         ``cache`` (which grows by one position)."""
-        check_tensor(token, "token", ndim=1, dtype=torch.long)
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-        if len(token) != cache.batch_size:
-            raise ValueError(
-                f"token has batch size {len(token)}, the cache {cache.batch_size}"
-            )
+        _check_step_input(token, cache)
         y = self.embed_target(token[:, None], offset=cache.length)  # (B, 1, d_model)
         for layer, layer_cache in zip(self.decoder.layers, cache.layers, strict=True):
             # the layer's own norms and residuals, attention from the cache
@@ -447,10 +451,38 @@ class LayerCache:
         self._check(mha, h)
         k = split_heads(mha.W_k(h), mha.n_heads)  # (B, h, 1, d_head)
         v = split_heads(mha.W_v(h), mha.n_heads)  # (B, h, 1, d_head)
-        self.self_k = torch.cat([self.self_k, k], dim=2)  # (B, h, t + 1, d_head)
-        self.self_v = torch.cat([self.self_v, v], dim=2)
+        k, v = self.update(k, v)  # (B, h, t + 1, d_head) each
         # no mask: the newest position may read every position before it
-        return self.attend(mha, h, self.self_k, self.self_v)
+        return self.attend(mha, h, k, v)
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' self-attention keys and values
+        ``(B, h, T, d_head)``; return all of them. The method set of every cache in
+        the book (:class:`dlabc.decoder.Cache`): ``update``, ``len``, ``seen``,
+        ``start``, ``nbytes``."""
+        self.self_k = torch.cat([self.self_k, k], dim=2)  # (B, h, t + T, d_head)
+        self.self_v = torch.cat([self.self_v, v], dim=2)
+        return self.self_k, self.self_v
+
+    def __len__(self) -> int:
+        return self.self_k.shape[2]  # positions stored
+
+    @property
+    def seen(self) -> int:
+        """Positions ever appended (all are kept)."""
+        return len(self)
+
+    @property
+    def start(self) -> int:
+        """The index of the oldest stored position: 0, nothing is dropped."""
+        return 0
+
+    def nbytes(self) -> int:
+        """The bytes of the self- and cross-attention keys and values."""
+        tensors = (self.self_k, self.self_v, self.cross_k, self.cross_v)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def attend_memory(
         self, mha: MultiHeadAttention, h: torch.Tensor, memory_mask: torch.Tensor
@@ -528,6 +560,18 @@ class KVCache:
                 )
             )
 
+    def __len__(self) -> int:
+        return self.length  # positions decoded so far
+
+    @property
+    def seen(self) -> int:
+        """Positions ever decoded (all are kept)."""
+        return self.length
+
+    def nbytes(self) -> int:
+        """The bytes every layer's cache holds."""
+        return sum(c.nbytes() for c in self.layers)
+
     def numel(self) -> int:
         """How many numbers the cache holds now."""
         return sum(
@@ -544,6 +588,17 @@ def shift_right(tgt: torch.Tensor) -> torch.Tensor:
     return torch.cat([bos, tgt[:, :-1]], dim=1)  # (B, T)
 
 
+def _check_loss_args(model: object, tgt: object, label_smoothing: object) -> None:
+    _check_model(model)
+    check_number(label_smoothing, "label_smoothing", low=0, high=1, high_open=True)
+    check_tensor(tgt, "tgt", ndim=2, dtype=torch.long)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a Transformer, got {type(model).__name__}")
+
+
 def teacher_forcing_loss(
     model: Transformer,
     src: torch.Tensor,
@@ -557,10 +612,7 @@ def teacher_forcing_loss(
     $1 - \varepsilon + \varepsilon / V$ on the true token and $\varepsilon / V$ on
     every other (Szegedy et al., 2016); padding never counts.
     """
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a Transformer, got {type(model).__name__}")
-    check_number(label_smoothing, "label_smoothing", low=0, high=1, high_open=True)
-    check_tensor(tgt, "tgt", ndim=2, dtype=torch.long)
+    _check_loss_args(model, tgt, label_smoothing)
     logits = model(src, shift_right(tgt))  # (B, T, V): every position at once
     if label_smoothing == 0:
         return sequence_loss(logits, tgt)
@@ -570,6 +622,16 @@ def teacher_forcing_loss(
         ignore_index=PAD,
         label_smoothing=label_smoothing,
     )
+
+
+def _check_noam_args(step: object, d_model: object, warmup: object, factor: object):
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the paper counts from 1), got {step}")
+    check_positive_int(d_model, "d_model")
+    check_positive_int(warmup, "warmup")
+    check_number(factor, "factor", low=0, low_open=True)
 
 
 def noam_lr(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
@@ -582,13 +644,7 @@ def noam_lr(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
     peak, $\mathrm{factor} / \sqrt{d_{\text{model}} \cdot \mathrm{warmup}}$, is at
     ``step = warmup``. Steps count from 1.
     """
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"step must be an int, got {type(step).__name__}")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the paper counts from 1), got {step}")
-    check_positive_int(d_model, "d_model")
-    check_positive_int(warmup, "warmup")
-    check_number(factor, "factor", low=0, low_open=True)
+    _check_noam_args(step, d_model, warmup, factor)
     return factor * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
 
 
@@ -624,6 +680,27 @@ def average_weights(
     return average
 
 
+def _check_step_input(token: object, cache: object) -> None:
+    check_tensor(token, "token", ndim=1, dtype=torch.long)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    if len(token) != cache.batch_size:
+        raise ValueError(
+            f"token has batch size {len(token)}, the cache {cache.batch_size}"
+        )
+
+
+def _check_decode_args(model: object, max_len: object, use_cache: object) -> None:
+    _check_model(model)
+    check_positive_int(max_len, "max_len")
+    _check_flag(use_cache, "use_cache")
+    if max_len > model.max_len:
+        raise ValueError(
+            f"max_len={max_len} is more than the model's position table, "
+            f"max_len={model.max_len}"
+        )
+
+
 def greedy_decode(
     model: Transformer, src: torch.Tensor, max_len: int, use_cache: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -636,15 +713,7 @@ def greedy_decode(
     decoding stops once every sentence has ended, so ``L <= max_len``) and the logits
     of every step ``(B, L, V)``.
     """
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a Transformer, got {type(model).__name__}")
-    check_positive_int(max_len, "max_len")
-    _check_flag(use_cache, "use_cache")
-    if max_len > model.max_len:
-        raise ValueError(
-            f"max_len={max_len} is more than the model's position table, "
-            f"max_len={model.max_len}"
-        )
+    _check_decode_args(model, max_len, use_cache)
     was_training = model.training
     model.eval()
     try:
