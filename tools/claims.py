@@ -17,8 +17,8 @@ A claim is
 - ``ok`` otherwise (``exact`` for ``==`` facts that hold everywhere).
 
 The command exits with 1 when any claim fails or is thin, or a chapter raises. Each run's
-claims are kept under ``_build/claims/`` with a fingerprint of the chapter and the code it
-imports, so a second ``make claims`` re-runs only the chapters that changed.
+claims are kept under ``_build/claims/`` with a fingerprint of the code the chapter runs, so
+a second ``make claims`` re-runs only the chapters whose code changed.
 
     python tools/claims.py                       # every chapter, every configuration
     python tools/claims.py book/cnn/resnet.md --configs native,avx2
@@ -27,6 +27,7 @@ imports, so a second ``make claims`` re-runs only the chapters that changed.
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import hashlib
 import json
@@ -62,14 +63,37 @@ THIN_RELATIVE = 0.05
 STORE = chapters.ROOT / "_build" / "claims"
 
 
+def _code_only(file: Path) -> str:
+    """The syntax tree of a module without its docstrings (comments are not in it)."""
+    tree = ast.parse(file.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            body[0] = ast.Pass()
+    return ast.dump(tree)
+
+
 def fingerprint(path: Path) -> str:
-    """Changes when the chapter or any file of ``code/dlabc`` it imports changes."""
-    digest = hashlib.sha256(path.read_bytes())
-    digest.update(chapters.code_hash(path).encode())
+    """Changes when the code a chapter runs changes: its code cells, or the code (not the
+    docstrings and comments) of a file of ``code/dlabc`` that it imports. Edits to prose
+    keep the stored claims."""
+    cells = [c.source for c in chapters.read(path).cells if c.cell_type == "code"]
+    digest = hashlib.sha256("\n\0".join(cells).encode())
+    for file in chapters.dependencies(path):
+        digest.update(file.relative_to(chapters.ROOT).as_posix().encode())
+        digest.update(_code_only(file).encode())
     return digest.hexdigest()
 
 
-def cached_run(path: Path, config: str) -> tuple[list[dict], str | None, float, bool]:
+def cached_run(
+    path: Path, config: str, stored_only: bool = False
+) -> tuple[list[dict], str | None, float, bool]:
     """:func:`run`, or its stored result when neither the chapter nor its code changed."""
     store = STORE / f"{chapters.module_path(path).replace('/', '--')}.{config}.json"
     key = fingerprint(path)
@@ -77,6 +101,8 @@ def cached_run(path: Path, config: str) -> tuple[list[dict], str | None, float, 
         saved = json.loads(store.read_text())
         if saved["fingerprint"] == key and not saved["error"]:
             return saved["records"], None, saved["seconds"], True
+    if stored_only:
+        return [], "not run since the chapter or its code changed", 0.0, True
     records, error, seconds = run(path, config)
     store.parent.mkdir(parents=True, exist_ok=True)
     store.write_text(
@@ -184,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument(
+        "--stored", action="store_true", help="report the stored runs, run nothing"
+    )
+    parser.add_argument(
         "--json", type=Path, default=chapters.ROOT / "_build" / "claims.json"
     )
     args = parser.parse_args(argv)
@@ -195,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(p, c) for p in paths for c in configs]
     results: dict[str, dict] = defaultdict(dict)
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(cached_run, p, c): (p, c) for p, c in jobs}
+        futures = {pool.submit(cached_run, p, c, args.stored): (p, c) for p, c in jobs}
         for future in concurrent.futures.as_completed(futures):
             path, config = futures[future]
             records, error, seconds, reused = future.result()

@@ -174,3 +174,13 @@ def test_home_page_in_browser(browser, site_url):
     assert not report["external"], (
         f"the page fetched from outside the site: {report['external']}"
     )
+
+
+@pytest.mark.parametrize("chapter", chapters.chapters(), ids=chapters.module_path)
+def test_the_download_button_gives_the_colab_notebook(chapter):
+    """The page's .ipynb download is the clean notebook, not a raw MyST conversion."""
+    relative = chapter.relative_to(chapters.ROOT).with_suffix(".ipynb")
+    offered = SITE / "_sources" / relative
+    if not offered.is_file():
+        _missing(f"no {offered}; run `make book` first")
+    assert offered.read_bytes() == chapter.with_suffix(".ipynb").read_bytes()
