@@ -11,9 +11,9 @@ under each configuration and the smallest margin.
 A claim is
 
 - ``FAIL`` where it does not hold under some configuration;
-- ``THIN`` where its smallest margin is less than the spread of its value across the
-  configurations (the next machine or seed may well take it over the edge), or under 5 % of
-  the bound's size;
+- ``THIN`` where its smallest margin is less than the distance between the worst and the
+  median run (the next machine or seed may fall as far again, over the edge), or under 5 %
+  of the bound's size;
 - ``ok`` otherwise (``exact`` for ``==`` facts that hold everywhere).
 
 The command exits with 1 when any claim fails or is thin, or a chapter raises. Each run's
@@ -143,11 +143,13 @@ def judge(values: list, margins: list, op: str, bound) -> str:
         return "FAIL"
     if op == "==":
         return "exact"
-    numbers = [v for v in values if isinstance(v, (int, float))]
-    spread = max(numbers) - min(numbers) if numbers else 0.0
     smallest = min(margins)
+    # how far the worst run fell short of the typical (median) run: the next machine or
+    # seed may fall as far again
+    typical = sorted(margins)[len(margins) // 2]
+    shortfall = typical - smallest
     size = abs(bound) if isinstance(bound, (int, float)) else 0.0
-    if smallest < spread or (size > 0 and smallest < THIN_RELATIVE * size):
+    if smallest < shortfall or (size > 0 and smallest < THIN_RELATIVE * size):
         return "THIN"
     return "ok"
 

@@ -181,8 +181,10 @@ def test_claims_judge_fail_thin_ok_and_exact():
 
     assert claims.judge([0.9, 0.8], [0.3, 0.2], ">", 0.6) == "ok"
     assert claims.judge([0.7, 0.5], [0.1, -0.1], ">", 0.6) == "FAIL"
-    # the margin (0.05) is smaller than the spread of the value (0.1): thin
-    assert claims.judge([0.75, 0.65], [0.15, 0.05], ">", 0.6) == "THIN"
+    # the worst margin (0.05) is smaller than its distance from the median run's (0.1)
+    assert claims.judge([0.75, 0.65, 0.75], [0.15, 0.05, 0.15], ">", 0.6) == "THIN"
+    # one run far on the safe side does not make a claim thin
+    assert claims.judge([0.3, 0.3, 0.9], [0.2, 0.2, 0.8], ">", 0.1) == "ok"
     # under 5 % of the bound's size: thin even with no spread
     assert claims.judge([10.2, 10.2], [0.2, 0.2], ">", 10.0) == "THIN"
     assert claims.judge([3, 3], [0.0, 0.0], "==", 3) == "exact"
