@@ -33,12 +33,27 @@ MEASUREMENT = re.compile(r"(?<![\w.])\d[\d,.]*(?:" + UNIT + ")")
 #: (chapter, the exact text matched) -> why it is not a measured result.
 ALLOWED: dict[tuple[str, str], str] = {
     ("rnn/seq2seq", "99 %"): "an exercise's question: does the model still reach 99 %?",
-    ("transformers/attention_with_pytorch", "10%"): "the chance level of a ten-way guess",
+    (
+        "transformers/attention_with_pytorch",
+        "10%",
+    ): "the chance level of a ten-way guess",
     ("transformers/attention_with_pytorch", "100%"): "perfect accuracy, as a limit",
-    ("transformers/transformer", "99%"): "an exercise's question: which runs reach 99%?",
-    ("improvements/gqa_kv_cache", "140 GB"): "Llama 2 70B's weights in float16: 70e9 × 2",
-    ("improvements/gqa_kv_cache", "80 GB"): "the memory of an 80 GB accelerator (A100/H100)",
-    ("improvements/gqa_kv_cache", "5%"): "the GQA paper's uptraining budget (cited above)",
+    (
+        "transformers/transformer",
+        "99%",
+    ): "an exercise's question: which runs reach 99%?",
+    (
+        "improvements/gqa_kv_cache",
+        "140 GB",
+    ): "Llama 2 70B's weights in float16: 70e9 × 2",
+    (
+        "improvements/gqa_kv_cache",
+        "80 GB",
+    ): "the memory of an 80 GB accelerator (A100/H100)",
+    (
+        "improvements/gqa_kv_cache",
+        "5%",
+    ): "the GQA paper's uptraining budget (cited above)",
 }
 
 _HIDE = [

@@ -1,1 +1,1 @@
-"""Part "Transformer improvements since 2017": from the 2017 block to today's LLM block."""
+"""Part "Transformer improvements since 2017": from the 2017 block to today's LLMs."""
