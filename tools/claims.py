@@ -13,7 +13,8 @@ A claim is
 - ``FAIL`` where it does not hold under some configuration;
 - ``THIN`` where its smallest margin is less than the distance between the worst and the
   median run (the next machine or seed may fall as far again, over the edge), or under 5 %
-  of the bound's size;
+  of the bound's size; where the values and the bound are all positive (losses, ratios,
+  sizes, which vary by factors) it must be thin as ratios (on a log scale) too;
 - ``ok`` otherwise (``exact`` for ``==`` facts that hold everywhere).
 
 The command exits with 1 when any claim fails or is thin, or a chapter raises. Each run's
@@ -31,6 +32,7 @@ import ast
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -137,21 +139,29 @@ def run(path: Path, config: str) -> tuple[list[dict], str | None, float]:
     return records, error, seconds
 
 
+def _thin(margins: list[float], too_close: float) -> bool:
+    smallest = min(margins)
+    # how far the worst run fell short of the typical (median) run: the next machine or
+    # seed may fall as far again
+    typical = sorted(margins)[len(margins) // 2]
+    return smallest < typical - smallest or smallest < too_close
+
+
 def judge(values: list, margins: list, op: str, bound) -> str:
     """The verdict on one claim over all configurations (see the module's docstring)."""
     if any(m is None or m < 0 for m in margins):
         return "FAIL"
     if op == "==":
         return "exact"
-    smallest = min(margins)
-    # how far the worst run fell short of the typical (median) run: the next machine or
-    # seed may fall as far again
-    typical = sorted(margins)[len(margins) // 2]
-    shortfall = typical - smallest
     size = abs(bound) if isinstance(bound, (int, float)) else 0.0
-    if smallest < shortfall or (size > 0 and smallest < THIN_RELATIVE * size):
-        return "THIN"
-    return "ok"
+    thin = _thin(margins, THIN_RELATIVE * size)
+    positive = isinstance(bound, (int, float)) and bound > 0
+    if thin and positive and all(isinstance(v, (int, float)) and v > 0 for v in values):
+        # losses, ratios, sizes vary by factors: thin only if thin as ratios too
+        sign = 1 if op in (">", ">=") else -1
+        ratios = [sign * math.log10(v / bound) for v in values]
+        thin = _thin(ratios, math.log10(1 + THIN_RELATIVE))
+    return "THIN" if thin else "ok"
 
 
 def report(results: dict, configs: list[str]) -> tuple[list[dict], int]:

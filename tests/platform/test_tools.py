@@ -187,6 +187,13 @@ def test_claims_judge_fail_thin_ok_and_exact():
     assert claims.judge([0.3, 0.3, 0.9], [0.2, 0.2, 0.8], ">", 0.1) == "ok"
     # under 5 % of the bound's size: thin even with no spread
     assert claims.judge([10.2, 10.2], [0.2, 0.2], ">", 10.0) == "THIN"
+    # positive values far above a positive bound: judged as ratios, so a factor of two
+    # between runs does not make a thousand-fold margin thin
+    assert claims.judge([8.5, 8.5, 4.0], [8.5, 8.5, 4.0], ">", 0.001) == "ok"
+    # and tiny errors far below their bound are not thin because they vary by factors
+    assert claims.judge([1e-8, 1e-8, 1.4e-7], [1e-6, 1e-6, 8.6e-7], "<", 1e-6) == "ok"
+    # signed values are judged as differences
+    assert claims.judge([-0.2, -0.3, 0.1], [0.3, 0.4, 0.0001], "<", 0.1) == "THIN"
     assert claims.judge([3, 3], [0.0, 0.0], "==", 3) == "exact"
     assert claims.judge([2, 3], [None, 0.0], "==", 3) == "FAIL"
 
