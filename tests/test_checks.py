@@ -149,3 +149,14 @@ def test_check_array_accepts_and_returns_the_same_array(x, kwargs):
 def test_check_array_rejects(value, kwargs, error, match):
     with pytest.raises(error, match=match):
         check_array(value, "x", **kwargs)
+
+
+def test_check_ids_range_on_the_cpu_names_the_argument():
+    from dlabc.checks import check_ids
+
+    check_ids(torch.tensor([[0, 4]]), "ids", 5)
+    check_ids(torch.empty(0, dtype=torch.long), "ids", 5)
+    with pytest.raises(ValueError, match=r"src ids must lie in 0\.\.4 .* from -1 to 4"):
+        check_ids(torch.tensor([[-1, 4]]), "src ids", 5)
+    with pytest.raises(ValueError, match=r"tokens must lie in 0\.\.4 .* from 0 to 5"):
+        check_ids(torch.tensor([0, 5]), "tokens", 5)

@@ -94,3 +94,18 @@ def check_number(
         )
         raise ValueError(f"{name} must be in {interval}, got {value:g}")
     return value
+
+
+def check_ids(ids: torch.Tensor, name: str, vocab_size: int) -> None:
+    """Check that token ids lie in ``0..vocab_size - 1``, where that costs no GPU wait.
+
+    Reading a tensor's values makes the host wait for the device, so the range is
+    checked only for CPU tensors; on a GPU, ``nn.Embedding`` raises on a bad id itself.
+    """
+    if ids.device.type == "cpu" and ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"{name} must lie in 0..{vocab_size - 1} (vocab_size={vocab_size}), "
+                f"got values from {low} to {high}"
+            )

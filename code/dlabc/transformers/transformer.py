@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.checks import check_ids, check_number, check_positive_int, check_tensor
 from dlabc.foundations.normalization import LayerNorm
 from dlabc.rnn.seq2seq import BOS, EOS, PAD, sequence_loss, source_mask
 from dlabc.transformers.attention_from_scratch import (
@@ -334,11 +334,7 @@ class Transformer(nn.Module):
 
     def _check_tokens(self, tokens: object, name: str, vocab_size: int) -> None:
         check_tensor(tokens, name, ndim=2, dtype=torch.long)
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
-            raise ValueError(
-                f"{name} ids must lie in 0..{vocab_size - 1}, got "
-                f"{tokens.min().item()}..{tokens.max().item()}"
-            )
+        check_ids(tokens, f"{name} ids", vocab_size)
 
     def _check_length(self, length: int, name: str) -> None:
         if length > self.max_len:
