@@ -20,6 +20,7 @@ points at it). The notebook
 from __future__ import annotations
 
 import argparse
+import base64
 import re
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ import nbformat
 from pybtex.database import parse_file
 
 import chapters
+import shown_code
 
 COLAB = "https://colab.research.google.com/github"
 ADMONITIONS = (
@@ -57,7 +59,9 @@ if "google.colab" in sys.modules:
 
 import dlabc.book
 
-dlabc.book.SHOW_GLUED = True  # print each number that the text refers to by its `name`"""
+# print each number that the text refers to by its `name`, and let the cells that start
+# with %%implementation redefine the book's code (change one and run it)
+dlabc.book.notebook_mode()"""
 
 
 def colab_url(md_path: Path) -> str:
@@ -70,6 +74,13 @@ def colab_url(md_path: Path) -> str:
     return f"{COLAB}/{owner_repo}/blob/{branch}/{relative}"
 
 
+def _plain(latex: str) -> str:
+    """BibTeX text as a reader reads it: ``Kaiser, {\\L}ukasz`` -> ``Kaiser, Łukasz``."""
+    import latexcodec  # noqa: F401 - registers the "latex" codec
+
+    return re.sub(r"[{}]", "", latex.encode("utf-8").decode("latex+utf8"))
+
+
 class Converter:
     """Rewrites one chapter's Markdown cells; keeps the numbering of equations and exercises."""
 
@@ -78,6 +89,8 @@ class Converter:
         self.bib = bibliography
         self.equations: dict[str, int] = {}
         self.exercises: dict[str, str] = {}
+        self.figures: dict[str, int] = {}
+        self.targets: dict[str, str] = {}
         self.cited: list[str] = []
 
     # -- equations ---------------------------------------------------------------------------
@@ -85,6 +98,33 @@ class Converter:
         for text in cells:
             for label in re.findall(r"^\$\$ *\(([\w-]+)\)[ \t]*$", text, flags=re.M):
                 self.equations[label] = len(self.equations) + 1
+            # what {ref} and {numref} can point at: exercises (by title), figures (by
+            # their number in this chapter) and (label)= targets (by their heading)
+            for block in re.finditer(
+                r"^:::\{exercise\} *([^\n]*)\n((?::\w[\w-]*:.*\n)*)", text, flags=re.M
+            ):
+                label = re.search(r"^:label: *([\w-]+)", block.group(2), flags=re.M)
+                if label:
+                    self.targets[label.group(1)] = (
+                        f"Exercise ({block.group(1).strip()})"
+                    )
+            for name in re.findall(r"^:name: *([\w-]+)", text, flags=re.M):
+                if name not in self.targets:
+                    self.figures[name] = len(self.figures) + 1
+                    self.targets[name] = f"Figure {self.figures[name]}"
+            for label, heading in re.findall(
+                r"^\(([\w-]+)\)=\n+#+ +(.*)$", text, flags=re.M
+            ):
+                self.targets[label] = f"“{heading.strip()}”"
+
+    def _ref(self, match: re.Match) -> str:
+        explicit = re.fullmatch(r"(.*?)\s*<([\w-]+)>", match.group(2))
+        if explicit:
+            return explicit.group(1)
+        label = match.group(2)
+        if label not in self.targets:
+            raise ValueError(f"{self.path}: reference to unknown label {label!r}")
+        return self.targets[label]
 
     def _equation(self, match: re.Match) -> str:
         body, label = match.group(1).rstrip(), match.group(2)
@@ -106,7 +146,7 @@ class Converter:
             )
         entry = self.bib[key]
         names = [" ".join(p.last_names) for p in entry.persons.get("author", [])]
-        names = [re.sub(r"[{}]", "", n) for n in names]
+        names = [_plain(n) for n in names]
         who = (
             names[0]
             if len(names) == 1
@@ -134,12 +174,10 @@ class Converter:
         for key in self.cited:
             entry = self.bib[key]
             authors = ", ".join(
-                re.sub(
-                    r"[{}]", "", " ".join(p.first_names + p.middle_names + p.last_names)
-                )
+                _plain(" ".join(p.first_names + p.middle_names + p.last_names))
                 for p in entry.persons.get("author", [])
             )
-            f = {k: re.sub(r"[{}]", "", v) for k, v in entry.fields.items()}
+            f = {k: _plain(v) for k, v in entry.fields.items()}
             venue = f.get("booktitle") or f.get("journal") or f.get("publisher", "")
             url = f" {f['url']}" if "url" in f else ""
             lines.append(
@@ -170,6 +208,8 @@ class Converter:
                 f"<details>\n<summary><b>Solution ({self.exercises[argument]})</b></summary>\n\n"
                 f"{body}\n\n</details>"
             )
+        if name == "figure":
+            return self._figure(argument, options, body)
         if name in ADMONITIONS:
             title = argument or name.capitalize()
             return "\n".join(
@@ -180,6 +220,17 @@ class Converter:
         raise ValueError(
             f"{self.path}: the notebook converter does not know the directive {{{name}}}"
         )
+
+    def _figure(self, argument: str, options: dict, caption: str) -> str:
+        image = (self.path.parent / argument).resolve()
+        if not image.is_file():
+            raise ValueError(f"{self.path}: figure {argument} does not exist")
+        kind = {".svg": "image/svg+xml", ".png": "image/png"}[image.suffix]
+        data = base64.b64encode(image.read_bytes()).decode()
+        alt = options.get("alt", "").replace("]", ")").replace("[", "(")
+        number = self.figures.get(options.get("name", ""), 0)
+        label = f"Figure {number}. " if number else ""
+        return f"![{alt}](data:{kind};base64,{data})\n\n*{label}{caption.strip()}*"
 
     def _link(self, match: re.Match) -> str:
         text, target = match.group(1), match.group(2)
@@ -198,6 +249,8 @@ class Converter:
         text = re.sub(r"\{cite(?::(p|t))?\}`([^`]+)`", self._cite, text)
         text = re.sub(r"\{glue(?::text)?\}`(\w+)(?::[^`]*)?`", r"`\1`", text)
         text = re.sub(r"\{math\}`([^`]+)`", r"$\1$", text)
+        text = re.sub(r"\{(ref|numref)\}`([^`]+)`", self._ref, text)
+        text = re.sub(r"^\([\w-]+\)=[ \t]*\n+", "", text, flags=re.M)
         # ``` or ::: fenced directives: ```{name} argument \n body \n ```
         text = re.sub(
             r"^(:{3,}|`{3,})\{([\w-]+)\}[ \t]*([^\n]*)\n(.*?)^\1[ \t]*$",
@@ -224,15 +277,36 @@ def convert(path: Path) -> nbformat.NotebookNode:
     converter.number_equations(
         [c.source for c in source.cells if c.cell_type == "markdown"]
     )
-    cells = [nbformat.v4.new_code_cell(setup_cell_source())]
+    shown = iter(shown_code.shown_objects(path))
+    cells = []
     for cell in source.cells:
         if cell.cell_type == "markdown":
-            cells.append(nbformat.v4.new_markdown_cell(converter.markdown(cell.source)))
+            text = converter.markdown(cell.source)
+            if not cells:  # the title first, then the set-up cell
+                title, _, rest = text.partition("\n")
+                cells.append(nbformat.v4.new_markdown_cell(title))
+                cells.append(nbformat.v4.new_code_cell(setup_cell_source()))
+                text = rest.strip()
+                if not text:
+                    continue
+            cells.append(nbformat.v4.new_markdown_cell(text))
         elif cell.cell_type == "code":
-            new = nbformat.v4.new_code_cell(cell.source)
-            if cell.metadata.get("tags"):
-                new.metadata["tags"] = list(cell.metadata["tags"])
-            cells.append(new)
+            calls = _SHOW.findall(cell.source)
+            if calls and _SHOW.sub("", cell.source).strip() == "":
+                # the page shows this code read-only; the notebook gives it as a cell a
+                # reader can change and run, and the cells below use the changed code
+                cells += [
+                    nbformat.v4.new_code_cell(implementation_cell(next(shown)))
+                    for _ in calls
+                ]
+                continue
+            for _ in calls:  # show_source inside a longer cell stays as it is
+                next(shown)
+            cells.append(_code_cell(cell))
+    if not any(
+        c.cell_type == "code" and c.source == setup_cell_source() for c in cells
+    ):
+        cells.insert(0, nbformat.v4.new_code_cell(setup_cell_source()))
     for i, cell in enumerate(cells):
         cell.id = f"cell-{i:03d}"  # stable ids: regenerating an unchanged chapter changes nothing
     nb = nbformat.v4.new_notebook(cells=cells)
@@ -247,6 +321,47 @@ def convert(path: Path) -> nbformat.NotebookNode:
         "colab": {"provenance": [], "toc_visible": True},
     }
     return nb
+
+
+_SHOW = re.compile(r"^\s*book\.show_source\(\s*[A-Za-z_][\w.]*\s*\)\s*$", re.M)
+HIDDEN = {"hide-input", "hide-cell"}
+
+
+def _code_cell(cell: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A chapter's code cell; one collapsed on the page is collapsed in Colab too (a form
+    whose title is the cell's first comment)."""
+    tags = list(cell.metadata.get("tags", []))
+    text = cell.source
+    new = nbformat.v4.new_code_cell(text)
+    if tags:
+        new.metadata["tags"] = tags
+    if HIDDEN & set(tags):
+        first, _, rest = text.partition("\n")
+        if first.startswith("# "):
+            text = f"# @title {first[2:]}\n{rest}"
+        else:
+            text = f"# @title Code that the book's page shows collapsed\n{text}"
+        new.source = text
+        new.metadata["cellView"] = "form"
+    return new
+
+
+def implementation_cell(obj: object) -> str:
+    """The source of an object a chapter shows, as a cell that defines it in its module
+    (``%%implementation``, see :func:`dlabc.book.implementation`)."""
+    import inspect
+    import textwrap
+
+    from dlabc import book
+
+    where, first, last = book.source_path(obj)
+    code = textwrap.dedent(inspect.getsource(obj)).rstrip()
+    return (
+        f"%%implementation {obj.__module__} {obj.__qualname__}\n"
+        f"# {where}, lines {first}-{last}. Change it and run this cell: the cells below\n"
+        f"# use your version (re-run them). Restart the runtime to undo.\n"
+        f"{code}"
+    )
 
 
 def render(path: Path) -> str:

@@ -11,6 +11,7 @@ other seeds).
 """
 
 from __future__ import annotations
+import __future__
 
 import inspect
 import json
@@ -154,7 +155,62 @@ def show_source(obj: object) -> Markdown:
         )
     path, first, last = source_path(obj)
     code = textwrap.dedent(inspect.getsource(obj)).rstrip()  # type: ignore[arg-type]
-    return Markdown(f"`{path}`, lines {first}–{last}:\n\n```python\n{code}\n```")
+    code, doc = split_docstring(code)
+    text = f"`{path}`, lines {first}–{last}"
+    if doc:
+        text += ", its docstring first:\n\n" + _docstring_markdown(doc)
+    return Markdown(f"{text}\n\n```python\n{code}\n```")
+
+
+def split_docstring(code: str) -> tuple[str, str | None]:
+    """``code`` (one function or class) without its docstring, and the docstring.
+
+    The page shows a docstring as text above the code, where its math is typeset and
+    its lines wrap, and the code box holds only code.
+    """
+    import ast
+
+    tree = ast.parse(code)
+    node = tree.body[0]
+    if not (
+        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+        and isinstance(node.body[0].value.value, str)
+    ):
+        return code, None
+    doc = node.body[0]
+    lines = code.splitlines()
+    rest = lines[: doc.lineno - 1] + lines[doc.end_lineno :]
+    if len(node.body) == 1:  # a function that is only a docstring keeps a body
+        indent = lines[doc.lineno - 1][: doc.col_offset]
+        rest.insert(doc.lineno - 1, f"{indent}...")
+    # a blank line left at the top of the body by the docstring's removal
+    k = doc.lineno - 1
+    if k < len(rest) and not rest[k].strip():
+        del rest[k]
+    return "\n".join(rest), inspect.cleandoc(doc.value.value)
+
+
+def _docstring_markdown(doc: str) -> str:
+    """A docstring as Markdown: reST literals and roles become code, a paragraph that
+    is one ``$...$`` formula becomes a display equation."""
+    import re
+
+    doc = re.sub(r":(?:func|class|meth|data|attr|mod|obj):`~?([^`]+)`", r"``\1``", doc)
+    doc = re.sub(r"``([^`]+)``", r"`\1`", doc)
+    paragraphs = []
+    for paragraph in doc.split("\n\n"):
+        stripped = paragraph.strip()
+        if (
+            stripped.startswith("$")
+            and stripped.endswith("$")
+            and stripped.count("$") == 2
+        ):
+            paragraph = f"$$\n{stripped[1:-1].strip()}\n$$"
+        paragraphs.append(paragraph)
+    return "\n>\n".join("> " + p.replace("\n", "\n> ") for p in paragraphs)
 
 
 def glue(name: str, value: object) -> None:
@@ -253,3 +309,65 @@ def claim(statement: str, value: object, op: str, bound: object) -> None:
         raise ClaimError(
             f"claim does not hold: {statement}: {value!r} {op} {bound!r} is false"
         )
+
+
+def implementation(line: str, cell: str) -> None:
+    """The ``%%implementation MODULE QUALNAME`` cell magic of the generated notebooks.
+
+    A chapter's page shows an implementation read-only (:func:`show_source`); its
+    notebook gives the same source as a cell that starts with this magic. Running the
+    cell defines the object again *inside its module* of ``dlabc`` (so the module's
+    other code, and the cells below, use the reader's version) and in the notebook's
+    own namespace; a method (``QUALNAME`` ``Class.method``) replaces the class's method.
+    Run unchanged, the cell defines exactly what the package has.
+    """
+    import importlib
+
+    parts = line.split()
+    if len(parts) != 2:
+        raise ValueError("usage: %%implementation dlabc.module Name (or Class.method)")
+    module = importlib.import_module(parts[0])
+    *owners, name = parts[1].split(".")
+    code = textwrap.dedent(cell)
+    # compiled as its module is (``from __future__ import annotations`` and the like)
+    flags = sum(
+        feature.compiler_flag
+        for feature in vars(module).values()
+        if isinstance(feature, __future__._Feature)
+    )
+    if owners:
+        owner = module
+        for attribute in owners:
+            owner = getattr(owner, attribute)
+        # compiled inside a function that provides ``__class__``, so that a method's
+        # zero-argument ``super()`` works as it does in the class body
+        wrapped = "def __define(__class__):\n" + textwrap.indent(code, "    ")
+        wrapped += f"\n    return {name}\n"
+        scope: dict[str, object] = {}
+        compiled = compile(wrapped, f"<{parts[1]}>", "exec", flags, dont_inherit=True)
+        exec(compiled, module.__dict__, scope)
+        setattr(owner, name, scope["__define"](owner))
+        return
+    exec(compile(code, f"<{parts[1]}>", "exec", flags, dont_inherit=True), vars(module))
+    shell = _shell()
+    if shell is not None:
+        shell.user_ns[name] = module.__dict__[name]
+
+
+def _shell():
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with Jupyter and Colab
+        return None
+    return get_ipython()
+
+
+def notebook_mode() -> None:
+    """What the first cell of every generated notebook turns on: :func:`glue` prints
+    ``name = value`` (a notebook's Markdown cannot show glued values), and the
+    ``%%implementation`` cells can run."""
+    global SHOW_GLUED
+    SHOW_GLUED = True
+    shell = _shell()
+    if shell is not None:
+        shell.register_magic_function(implementation, "cell", "implementation")

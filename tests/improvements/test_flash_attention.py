@@ -136,6 +136,33 @@ def test_peak_memory_sees_an_allocation():
     assert n_bytes * 0.9 < peak < n_bytes * 1.5
 
 
+@pytest.mark.parametrize("method", ["rss", "profiler"])
+def test_both_cpu_methods_see_a_peak_that_was_freed(method):
+    """A 40 MB tensor freed before a 20 MB one: the peak is the 40 MB, not the end."""
+
+    def allocate_and_free():
+        big = torch.ones(10_000_000)
+        del big
+        return torch.ones(5_000_000)
+
+    peak = peak_memory(allocate_and_free, method=method)
+    assert 40e6 * 0.9 < peak < 40e6 * 1.5
+
+
+def test_auto_picks_the_profiler_where_linux_rss_is_missing(monkeypatch):
+    """macOS and Windows (simulated): no /proc, so the profiler measures the peak."""
+    import dlabc.improvements.flash_attention as fa
+
+    for platform in ("darwin", "win32"):
+        monkeypatch.setattr(fa.sys, "platform", platform)
+        assert not fa._can_reset_peak_rss()
+        used = []
+        monkeypatch.setattr(fa, "_profiled_peak", lambda fn: used.append(fn) or 7)
+        assert peak_memory(lambda: None) == 7 and used
+    monkeypatch.undo()
+    assert fa._can_reset_peak_rss()  # this test runs on Linux
+
+
 def test_memory_and_seconds_sees_the_allocation_and_the_wait():
     def slow_allocation():
         x = torch.ones(10_000_000)  # 40 MB
@@ -150,6 +177,12 @@ def test_memory_and_seconds_sees_the_allocation_and_the_wait():
 Q = torch.randn(2, 5, 4)
 OUT, LSE = flash_attention_forward(Q, Q, Q)
 BAD_INPUT = [
+    pytest.param(
+        lambda: peak_memory(lambda: None, method="vmhwm"),
+        ValueError,
+        "method must be 'auto', 'rss' or 'profiler'",
+        id="memory-method",
+    ),
     pytest.param(
         lambda: flash_attention(Q, Q, Q, 0, 4),
         ValueError,

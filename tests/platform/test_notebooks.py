@@ -10,12 +10,14 @@ the chapters changed recently plus a rotating sample (CI); ``all`` runs every ch
 """
 
 import concurrent.futures
+import inspect
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -23,6 +25,7 @@ import pytest
 
 import chapters
 import notebooks
+import shown_code
 
 CHAPTERS = chapters.chapters()
 MYST = (
@@ -51,7 +54,10 @@ def test_committed_notebook_is_up_to_date(chapter):
 def test_notebook_is_plain_jupyter(chapter):
     nb = notebooks.convert(chapter)
     nbformat.validate(nb)
-    setup = nb.cells[0]
+    title, setup = nb.cells[:2]
+    assert title.cell_type == "markdown" and re.fullmatch(r"# \S.*", title.source), (
+        "the chapter's title comes first"
+    )
     assert setup.cell_type == "code" and '"google.colab" in sys.modules' in setup.source
     url, branch = chapters.repository()
     assert f"git+{url}@{branch}" in setup.source
@@ -62,10 +68,97 @@ def test_notebook_is_plain_jupyter(chapter):
                 assert myst not in cell.source, (
                     f"raw MyST {myst!r} left in a Markdown cell:\n{cell.source}"
                 )
-    code = [c.source for c in nb.cells[1:] if c.cell_type == "code"]
-    assert code == [
-        c.source for c in chapters.read(chapter).cells if c.cell_type == "code"
-    ]
+    # the chapter's code cells, in order: a cell that only shows code on the page
+    # becomes the shown objects' editable source, a collapsed one a collapsed form
+    code = [c for c in nb.cells[2:] if c.cell_type == "code"]
+    expected = []
+    for cell in chapters.read(chapter).cells:
+        if cell.cell_type != "code":
+            continue
+        calls = notebooks._SHOW.findall(cell.source)
+        if calls and not notebooks._SHOW.sub("", cell.source).strip():
+            expected += ["%%implementation"] * len(calls)
+        else:
+            expected.append(cell.source)
+    assert len(code) == len(expected)
+    for cell, source in zip(code, expected, strict=True):
+        if source == "%%implementation":
+            assert cell.source.startswith("%%implementation dlabc.")
+        elif cell.metadata.get("cellView") == "form":
+            assert cell.source.startswith("# @title ")
+            assert cell.source.partition("\n")[2] in source
+        else:
+            assert cell.source == source
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
+def test_the_editable_cells_define_what_the_package_has(chapter):
+    """Each %%implementation cell, run as given, redefines its object with the same code
+    (the same bytecode, constants and names), so the experiments below it compute the
+    same numbers; the slow test below runs whole notebooks to prove it end to end."""
+    from dlabc import book
+
+    for obj in shown_code.shown_objects(chapter):
+        module = sys.modules[obj.__module__]
+        *owners, name = obj.__qualname__.split(".")
+        owner = module
+        for attribute in owners:
+            owner = getattr(owner, attribute)
+        saved_module, saved_attr = dict(module.__dict__), owner.__dict__.get(name)
+        source = notebooks.implementation_cell(obj)
+        line, _, cell = source.partition("\n")
+        code = "\n".join(x for x in cell.splitlines() if not x.startswith("# "))
+        assert code == textwrap.dedent(inspect.getsource(obj)).rstrip()
+        try:
+            book.implementation(line.removeprefix("%%implementation "), cell)
+            new = getattr(owner, name) if owners else module.__dict__[name]
+            assert new is not obj, "the cell did not redefine the object"
+            assert (
+                (new.fget if isinstance(new, property) else new).__code__.co_filename
+                == (f"<{obj.__qualname__}>")
+                if not isinstance(new, type)
+                else new.__module__ == obj.__module__
+            )
+            assert _code_of(new) == _code_of(obj), f"{obj.__qualname__} changed"
+        finally:
+            module.__dict__.clear()
+            module.__dict__.update(saved_module)
+            if owners:
+                setattr(owner, name, saved_attr)
+
+
+def _code_of(obj) -> list:
+    """What an object computes: the bytecode, constants and names of its functions."""
+    import inspect
+    import types
+
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    if inspect.ismethod(obj):
+        obj = obj.__func__
+    if isinstance(obj, type):
+        return [
+            (key, _code_of(value))
+            for key, value in sorted(vars(obj).items())
+            if isinstance(
+                value, (types.FunctionType, staticmethod, classmethod, property)
+            )
+        ]
+    if isinstance(obj, property):
+        return [_code_of(f) for f in (obj.fget, obj.fset) if f is not None]
+
+    def flat(code):
+        # names, variables and constants (bytecode itself differs between builds of the
+        # same Python: a module's cached .pyc may come from another patch release)
+        return (
+            code.co_names,
+            code.co_varnames,
+            tuple(
+                flat(c) if isinstance(c, types.CodeType) else c for c in code.co_consts
+            ),
+        )
+
+    return [flat(obj.__code__)]
 
 
 def _colab_chapters() -> list[Path]:
@@ -150,9 +243,17 @@ def installed_dlabc(tmp_path_factory):
     return Path(site)
 
 
-def _run_like_colab(chapter: Path, site: Path, workdir: Path) -> nbformat.NotebookNode:
-    """Execute the chapter's notebook in a fresh kernel of the Colab environment."""
+def _run_like_colab(
+    chapter: Path, site: Path, workdir: Path, as_on_the_page: bool = False
+) -> nbformat.NotebookNode:
+    """Execute the chapter's notebook in a fresh kernel of the Colab environment.
+
+    ``as_on_the_page``: the chapter's own code cells instead (``book.show_source``
+    where the notebook has the editable ``%%implementation`` cells)."""
     nb = notebooks.convert(chapter)
+    if as_on_the_page:
+        cells = [c for c in chapters.read(chapter).cells if c.cell_type == "code"]
+        nb.cells = [nb.cells[1], *(nbformat.v4.new_code_cell(c.source) for c in cells)]
     nb.cells.append(
         nbformat.v4.new_code_cell("import dlabc\nprint('dlabc from', dlabc.__file__)")
     )
@@ -174,30 +275,40 @@ def colab_runs(installed_dlabc, tmp_path_factory):
     this, the slowest part of the test suite. Failures are kept and reported per chapter.
     """
 
-    def run(chapter):
+    def run(job):
+        chapter, as_on_the_page = job
         workdir = tmp_path_factory.mktemp("run")
         try:
-            return chapter, (
-                _run_like_colab(chapter, installed_dlabc, workdir),
-                workdir,
-            )
+            nb = _run_like_colab(chapter, installed_dlabc, workdir, as_on_the_page)
+            return job, (nb, workdir)
         except Exception as err:  # reported by the chapter's own test below
-            return chapter, err
+            return job, err
 
+    jobs = [(c, False) for c in COLAB_CHAPTERS] + [(c, True) for c in COLAB_CHAPTERS]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, COLAB_CHAPTERS))
+        return dict(pool.map(run, jobs))
+
+
+def _printed(nb: nbformat.NotebookNode) -> str:
+    return "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+
+
+#: Glued values that measure wall-clock time or memory use, so differ from run to run.
+MEASURED = re.compile(
+    r"(second|_ms$|_s$|time|speed|faster|slower|_mb$|_kb$|bytes|memory)"
+)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("chapter", COLAB_CHAPTERS, ids=chapters.module_path)
 def test_notebook_runs_like_colab(chapter, colab_runs, installed_dlabc):
-    result = colab_runs[chapter]
+    result = colab_runs[chapter, False]
     if isinstance(result, Exception):
         raise result
     nb, workdir = result
-    printed = "".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
-    )
+    printed = _printed(nb)
     where = Path(printed.split("dlabc from ")[-1].strip())
     assert where.is_relative_to(installed_dlabc), (
         f"the notebook imported dlabc from {where}, not the installed wheel"
@@ -218,3 +329,27 @@ def test_notebook_runs_like_colab(chapter, colab_runs, installed_dlabc):
     assert os.listdir(workdir) == [], (
         "the chapter wrote files into its working directory"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", COLAB_CHAPTERS, ids=chapters.module_path)
+def test_the_editable_cells_compute_the_numbers_of_the_page(chapter, colab_runs):
+    """The notebook, whose shown implementations are editable cells run as given,
+    prints the same glued numbers as the chapter's own cells (which only show the
+    code) in the same environment."""
+    runs = [colab_runs[chapter, as_page] for as_page in (False, True)]
+    for run in runs:
+        if isinstance(run, Exception):
+            raise run
+    glued = set(re.findall(r"\{glue:text\}`(\w+)", chapter.read_text()))
+    values = [
+        dict(re.findall(r"^(\w+) = (.*)$", _printed(nb), flags=re.M)) for nb, _ in runs
+    ]
+    compared = [n for n in sorted(glued) if not MEASURED.search(n)]
+    assert compared, "no glued number to compare"
+    differ = {
+        n: (values[0].get(n), values[1].get(n))
+        for n in compared
+        if values[0].get(n) != values[1].get(n)
+    }
+    assert not differ, f"notebook vs page: {differ}"

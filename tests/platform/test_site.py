@@ -12,6 +12,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -20,6 +21,7 @@ from urllib.parse import urlparse
 import pytest
 
 import chapters
+import layout
 
 SITE = chapters.ROOT / "_build" / "html"
 SHOTS = chapters.ROOT / "_build" / "screenshots"
@@ -107,11 +109,7 @@ def _page_report(browser, url: str, screenshot: Path) -> dict:
     assert response is not None and response.ok, (
         f"{url} answered {response and response.status}"
     )
-    page.wait_for_function(
-        "() => window.MathJax && MathJax.startup && MathJax.startup.promise",
-        timeout=20000,
-    )
-    page.evaluate("() => MathJax.startup.promise")
+    layout.wait_for_math(page)
     report = page.evaluate(
         """() => {
         const article = document.querySelector('article') || document.body;
@@ -128,8 +126,14 @@ def _page_report(browser, url: str, screenshot: Path) -> dict:
     )
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(screenshot), full_page=True)
+    # what is too wide, at the desktop width and then on a phone (the same page,
+    # reflowed: tools/layout.py)
+    fit = []
+    for width in layout.WIDTHS:
+        page.set_viewport_size({"width": width, "height": 900})
+        fit += layout.problems(page.evaluate(layout.MEASURE, width))
     page.close()
-    return {**report, "errors": errors, "external": external}
+    return {**report, "errors": errors, "external": external, "fit": fit}
 
 
 @pytest.mark.parametrize("chapter", chapters.chapters(), ids=chapters.module_path)
@@ -157,6 +161,8 @@ def test_chapter_page_in_browser(browser, site_url, chapter):
         f"the page fetched from outside the site: {report['external']}"
     )
 
+    assert not report["fit"], "too wide for the page:\n" + "\n".join(report["fit"])
+
     assert report["colab"], "no Colab link on the page"
     _, _, after = report["colab"][0].partition("/blob/")
     branch, _, path = after.partition("/")
@@ -165,6 +171,45 @@ def test_chapter_page_in_browser(browser, site_url, chapter):
     assert notebook == chapter.with_suffix(".ipynb"), f"Colab link points at {path}"
     assert notebook.is_file(), f"Colab link points at a missing notebook {path}"
     assert json.loads(notebook.read_text())["cells"], "the Colab notebook is empty"
+
+
+INTRODUCTIONS = [p for p in chapters.pages() if p not in chapters.chapters()]
+
+
+@pytest.mark.parametrize("page", INTRODUCTIONS, ids=chapters.module_path)
+def test_introduction_pages_in_browser(browser, site_url, page):
+    name = chapters.module_path(page)
+    shot = SHOTS / f"{name.replace('/', '__')}.png"
+    report = _page_report(browser, f"{site_url}/book/{name}.html", shot)
+    assert not report["errors"], "JavaScript errors:\n" + "\n".join(report["errors"])
+    assert not report["fit"], "too wide for the page:\n" + "\n".join(report["fit"])
+
+
+def test_the_sidebar_lists_every_chapter_once(browser, site_url):
+    """Each part's chapters are visible in the sidebar, and no part's name repeats."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{site_url}/book/intro.html", wait_until="load")
+    links = page.evaluate(
+        """() => [...document.querySelectorAll('.bd-sidebar-primary nav a')]
+            .filter(a => a.offsetParent !== null).map(a => a.getAttribute('href'))"""
+    )
+    captions = page.evaluate(
+        """() => [...document.querySelectorAll('.bd-sidebar-primary p.caption')]
+            .map(c => c.innerText.trim())"""
+    )
+    texts = page.evaluate(
+        """() => [...document.querySelectorAll('.bd-sidebar-primary nav a')]
+            .filter(a => a.offsetParent !== null).map(a => a.innerText.trim())"""
+    )
+    page.close()
+    for chapter in chapters.pages()[1:]:
+        target = f"{chapters.module_path(chapter).split('/')[-1]}.html"
+        assert any(link.endswith(target) for link in links), (
+            f"{chapters.module_path(chapter)} is not visible in the sidebar"
+        )
+    assert captions and not set(captions) & set(texts), (
+        f"part names repeated as links: {set(captions) & set(texts)}"
+    )
 
 
 def test_home_page_in_browser(browser, site_url):
@@ -184,3 +229,53 @@ def test_the_download_button_gives_the_colab_notebook(chapter):
     if not offered.is_file():
         _missing(f"no {offered}; run `make book` first")
     assert offered.read_bytes() == chapter.with_suffix(".ipynb").read_bytes()
+
+
+def test_every_link_of_the_site_leads_somewhere():
+    """Offline link check of the built site: every internal link and anchor, every
+    image, script and stylesheet the pages load, exists."""
+    from html.parser import HTMLParser
+    from urllib.parse import unquote, urldefrag, urljoin, urlsplit
+
+    if not (SITE / "index.html").is_file():
+        _missing(f"no built site at {SITE}; run `make book` first")
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.links = set(), []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            for key in ("id", "name"):
+                if attrs.get(key):
+                    self.ids.add(attrs[key])
+            for key in ("href", "src"):
+                if attrs.get(key) and not (tag == "a" and key == "src"):
+                    self.links.append(attrs[key])
+
+    pages = {}
+    for path in SITE.rglob("*.html"):
+        if "_static" in path.parts:  # the theme's Jinja templates, not pages
+            continue
+        parser = Page()
+        parser.feed(path.read_text(errors="replace"))
+        pages[path.resolve()] = parser
+    broken = []
+    for path, parser in pages.items():
+        base = path.relative_to(SITE.resolve()).as_posix()
+        for link in parser.links:
+            if re.match(r"^[a-z][a-z0-9+.-]*:", link) or link.startswith("//"):
+                continue  # http(s), mailto, data, javascript: not part of the site
+            target, anchor = urldefrag(urljoin(base, link))
+            target = urlsplit(target).path
+            file = (SITE / unquote(target)).resolve() if target else path
+            if file.is_dir():
+                file = file / "index.html"
+            if not file.exists():
+                broken.append(f"{base}: {link} (no such file)")
+            elif anchor and file.suffix == ".html":
+                ids = pages[file].ids if file in pages else set()
+                if unquote(anchor) not in ids:
+                    broken.append(f"{base}: {link} (no anchor #{anchor})")
+    assert not broken, f"{len(broken)} broken links:\n" + "\n".join(broken[:40])

@@ -6,8 +6,11 @@ import pytest
 from pybtex.database import parse_file
 
 import chapters
+import diagrams
+import plumbing
 import prose
 import shown_code
+from dlabc import plot
 
 CHAPTERS = chapters.chapters()
 
@@ -126,3 +129,83 @@ def test_the_prose_check_finds_a_typed_percentage(tmp_path):
         assert [t for _, t in prose.typed_measurements(page)] == ["94 %", "30 s"]
     finally:
         page.unlink()
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
+def test_every_chapter_shows_its_diagram(chapter):
+    name = chapters.module_path(chapter)
+    if name in diagrams.EXEMPT:
+        pytest.skip(f"no diagram: {diagrams.EXEMPT[name]}")
+    shown = diagrams.referenced(chapter)
+    assert shown, f"book/{name}.md includes no diagrams/*.svg (tools/diagrams.py)"
+    for path in shown:
+        assert path.is_file(), f"book/{name}.md includes a missing {path.name}"
+
+
+@pytest.mark.parametrize("path", diagrams.files(), ids=lambda p: p.name)
+def test_diagrams_follow_the_conventions(path):
+    assert diagrams.problems(path) == []
+
+
+def test_every_diagram_is_shown_by_a_page():
+    used = {p.resolve() for page in chapters.pages() for p in diagrams.referenced(page)}
+    unused = [p.name for p in diagrams.files() if p.resolve() not in used]
+    assert not unused, f"diagrams no page includes: {unused}"
+
+
+def test_the_diagram_check_catches_small_text_and_a_missing_title(tmp_path):
+    svg = tmp_path / "x.svg"
+    svg.write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="700" height="100" '
+        'viewBox="0 0 700 100" font-size="12"><text>x</text></svg>'
+    )
+    found = " ".join(diagrams.problems(svg))
+    assert "font size 12 is below" in found and "no <title>" in found
+    svg.write_text(svg.read_text().replace('font-size="12"', 'font-size="18"'))
+    svg.write_text(svg.read_text().replace("<text>", "<title>t</title><text>"))
+    assert diagrams.problems(svg) == []
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
+def test_code_cells_show_the_experiment(chapter):
+    """The glue and claim lines sit in collapsed cells, not in the experiment's."""
+    over = plumbing.measure(chapter)
+    assert not over, (
+        f"visible cells with more than {plumbing.LIMIT} lines of book.glue/claim/assert "
+        f"(line, count): {over}; `python tools/plumbing.py --rewrite` moves them"
+    )
+
+
+def test_the_plumbing_counter_and_mover(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```{code-cell} ipython3\n"
+        "x = 2\n"
+        "book.claim('x is 2', x, '==', 2)\n"
+        "assert x > 1\n"
+        "book.glue_all(\n    x=x,\n)\n"
+        "print(x)\n"
+        "```\n"
+    )
+    assert plumbing.measure(page) == [(1, 5)]
+    plumbing.rewrite(page)
+    assert plumbing.measure(page) == []
+    assert plumbing.totals(page) == (0, 5)
+    cells = plumbing.code_cells(page.read_text().splitlines())
+    assert [sorted(c.tags) for c in cells] == [[], ["hide-input"]]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
+def test_figures_are_drawn_for_the_column_with_readable_text(chapter):
+    """Figures no wider than the 1280-px column (the browser test measures the shown
+    size) and no font under 8 pt (12 px at the book's 110 dpi)."""
+    text = chapter.read_text()
+    for width in re.findall(r"figsize=\(\s*([\d.]+)", text):
+        assert float(width) <= FIGURE_INCHES, (
+            f"figsize width {width} in: drawn wider than the column ({FIGURE_INCHES} in)"
+        )
+    for size in re.findall(r"fontsize=([\d.]+)", text):
+        assert float(size) >= 8, f"fontsize={size} is below 8 pt"
+
+
+FIGURE_INCHES = plot.COLUMN_INCHES

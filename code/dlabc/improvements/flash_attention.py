@@ -26,7 +26,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -366,20 +368,32 @@ def _release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+def peak_memory(
+    fn: Callable[[], object], device: torch.device | str = "cpu", method: str = "auto"
+) -> int:
     """Peak memory in bytes that ``fn()`` takes on top of what was in use before.
 
-    On CUDA it reads PyTorch's allocator statistics. On the CPU it reads the operating
-    system's count of the process's resident memory (Linux only): writing ``5`` to
-    ``/proc/self/clear_refs`` resets the high-water mark ``VmHWM``, and after ``fn()``
-    the new mark minus the resident size before is the peak that ``fn`` added. Freed
-    memory is handed back to the system first, so that ``fn`` cannot hide an
-    allocation by reusing it.
-    This sees every allocation (PyTorch's, NumPy's, Python's), so keep ``fn`` free of
-    unrelated work. The value returned by ``fn`` is dropped before measuring ends.
+    On CUDA it reads PyTorch's allocator statistics. On the CPU there are two ways:
+
+    - ``"rss"`` (Linux, the default there): the operating system's count of the
+      process's resident memory. Writing ``5`` to ``/proc/self/clear_refs`` resets the
+      high-water mark ``VmHWM``, and after ``fn()`` the new mark minus the resident size
+      before is the peak that ``fn`` added. Freed memory is handed back to the system
+      first, so that ``fn`` cannot hide an allocation by reusing it. This sees every
+      allocation (PyTorch's, NumPy's, Python's), so keep ``fn`` free of unrelated work.
+    - ``"profiler"`` (macOS, Windows, or a Linux without ``clear_refs``): PyTorch's own
+      profiler records how much memory each operator allocates and frees, in order, on
+      every platform; the running total's maximum is the peak. It counts PyTorch's
+      tensors only, operator by operator (a buffer that one operator allocates and frees
+      before returning is not seen).
+
+    ``method="auto"`` picks ``"rss"`` where Linux allows it, else ``"profiler"``. The
+    value returned by ``fn`` is dropped before measuring ends.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if method not in ("auto", "rss", "profiler"):
+        raise ValueError(f"method must be 'auto', 'rss' or 'profiler', got {method!r}")
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -392,19 +406,48 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         return max(peak - before, 0)
     if device.type != "cpu":
         raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+    if method == "auto":
+        method = "rss" if _can_reset_peak_rss() else "profiler"
+    if method == "profiler":
+        return _profiled_peak(fn)
     _release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident size (Linux >= 4.0)
     except OSError as err:
         raise RuntimeError(
-            "measuring CPU memory needs Linux's /proc/self/clear_refs"
+            "method='rss' needs Linux's /proc/self/clear_refs; use method='profiler'"
         ) from err
     before = _rss_bytes("VmRSS")
     result = fn()
     peak = _rss_bytes("VmHWM")
     del result
     return max(peak - before, 0)
+
+
+def _can_reset_peak_rss() -> bool:
+    """Linux with a writable ``/proc/self/clear_refs`` (not macOS, Windows, or a
+    sandbox that hides it)."""
+    return sys.platform.startswith("linux") and os.access(
+        "/proc/self/clear_refs", os.W_OK
+    )
+
+
+def _profiled_peak(fn: Callable[[], object]) -> int:
+    """The peak of PyTorch's CPU allocations during ``fn()``, from the profiler's
+    per-operator memory records (allocations positive, frees negative) in time
+    order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
 
 
 def memory_and_seconds(
