@@ -12,17 +12,18 @@ ifeq ($(CI),true)
   FRESH ?= 1
 endif
 
-.PHONY: system book test colab lint notebooks timings claims chapter serve clean clean-all help
+.PHONY: system book test colab lint notebooks timings claims chapter layout serve clean clean-all help
 
 help:
 	@echo "make book       build the site into _build/html (strict: any warning or failing cell fails it)"
 	@echo "make test       run the tests (unit tests, notebook checks, the site in Chromium), under 3 minutes"
 	@echo "make colab      run every chapter's notebook like Colab: dlabc installed as a wheel, fresh kernels"
-	@echo "make lint       ruff: formatting and lint of code/, tests/, tools/"
+	@echo "make lint       ruff: formatting and lint of code/, tests/, tools/ and the chapters' code cells"
 	@echo "make notebooks  regenerate the Colab notebooks book/**/*.ipynb from the chapters"
 	@echo "make timings    execute every chapter from nothing and print the seconds each takes"
 	@echo "make claims     run the chapters under other CPUs' kernels and seeds; report each claim's margin"
 	@echo "make chapter CH=transformers/attention_from_scratch   run one chapter top to bottom"
+	@echo "make layout     measure every built page in Chromium at 1280 and 390 px: equations, code, figures that do not fit"
 	@echo "make serve      serve _build/html on http://127.0.0.1:8000"
 	@echo "make clean      remove the built site and the execution cache; clean-all also removes $(VENV)"
 
@@ -78,6 +79,7 @@ colab: $(READY) $(COLAB_VENV)/.ready
 lint: $(READY)
 	$(VENV)/bin/ruff format --check code tests tools
 	$(VENV)/bin/ruff check code tests tools
+	$(PY) tools/format_cells.py --check
 
 timings: $(READY)
 	$(PY) tools/timings.py
@@ -86,6 +88,12 @@ timings: $(READY)
 # value and margin (CH=part/name for one chapter; CONFIGS=native,avx2 for fewer runs).
 claims: $(READY)
 	$(PY) tools/claims.py $(if $(CH),book/$(CH).md) $(if $(CONFIGS),--configs $(CONFIGS))
+
+# What does not fit on the built site: equations and code boxes wider than the column at
+# 1280 px, anything that scrolls the page sideways at 390 px, figures shown smaller than
+# drawn (PAGES="rnn/lstm_gru" for some pages; SHOTS=dir keeps screenshots).
+layout: $(READY)
+	$(PY) tools/layout.py $(PAGES) $(if $(SHOTS),--shots $(SHOTS))
 
 chapter: $(READY)
 	@test -n "$(CH)" || { echo "usage: make chapter CH=transformers/attention_from_scratch" >&2; exit 2; }

@@ -46,7 +46,7 @@ MEASURE = """(width) => {
   const article = document.querySelector('article') || document.body;
   const label = (e) => {
     const text = (e.innerText || e.textContent || '').replace(/\\s+/g, ' ').trim();
-    return text.slice(0, 70);
+    return [...text].slice(0, 70).join('');  // by code point: math letters are pairs
   };
   const section = (e) => {
     const s = e.closest('section[id]');
@@ -59,7 +59,7 @@ MEASURE = """(width) => {
                 over: m.scrollWidth - m.clientWidth}));
   const code = [...article.querySelectorAll('div.highlight pre, div.cell_output pre')]
     .filter(p => p.scrollWidth > p.clientWidth + 1)
-    .map(p => ({where: section(p), what: label(p).slice(0, 50),
+    .map(p => ({where: section(p), what: label(p),
                 over: p.scrollWidth - p.clientWidth}));
   const images = [...article.querySelectorAll('img')]
     .filter(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0)
@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
-#: The content column's width at 1280 px (what ``--equations`` typesets into).
-COLUMN = 750.0
+#: What ``--equations`` typesets into: the content column at 1280 px (750 px) less the
+#: room a numbered equation's "(n)" takes on the page.
+COLUMN = 700.0
 
 if __name__ == "__main__":
     sys.exit(main())

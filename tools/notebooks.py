@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import re
 import sys
 from pathlib import Path
@@ -74,6 +75,18 @@ def colab_url(md_path: Path) -> str:
     return f"{COLAB}/{owner_repo}/blob/{branch}/{relative}"
 
 
+@functools.cache
+def _targets_of_other_pages() -> list[tuple[Path, dict[str, str]]]:
+    """Every chapter's ``(label)=`` targets and exercise labels, for ``{ref}`` across
+    chapters."""
+    found = []
+    for page in chapters.chapters():
+        converter = Converter(page, {})
+        converter.number_equations([page.read_text()])
+        found.append((page, converter.targets))
+    return found
+
+
 def _plain(latex: str) -> str:
     """BibTeX text as a reader reads it: ``Kaiser, {\\L}ukasz`` -> ``Kaiser, Łukasz``."""
     import latexcodec  # noqa: F401 - registers the "latex" codec
@@ -122,9 +135,12 @@ class Converter:
         if explicit:
             return explicit.group(1)
         label = match.group(2)
-        if label not in self.targets:
-            raise ValueError(f"{self.path}: reference to unknown label {label!r}")
-        return self.targets[label]
+        if label in self.targets:
+            return self.targets[label]
+        for page, targets in _targets_of_other_pages():
+            if label in targets and page != self.path:
+                return f"[{targets[label]}]({colab_url(page)})"
+        raise ValueError(f"{self.path}: reference to unknown label {label!r}")
 
     def _equation(self, match: re.Match) -> str:
         body, label = match.group(1).rstrip(), match.group(2)

@@ -335,3 +335,11 @@ BAD_INPUT = [
 def test_bad_input_is_rejected(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_cpu_memory_methods_name_what_this_machine_has(monkeypatch):
+    import dlabc.improvements.flash_attention as fa
+
+    assert fa.cpu_memory_methods() == ["rss", "profiler"]  # Linux, here
+    monkeypatch.setattr(fa.sys, "platform", "darwin")
+    assert fa.cpu_memory_methods() == ["profiler"]

@@ -279,3 +279,25 @@ def test_every_link_of_the_site_leads_somewhere():
                 if unquote(anchor) not in ids:
                     broken.append(f"{base}: {link} (no anchor #{anchor})")
     assert not broken, f"{len(broken)} broken links:\n" + "\n".join(broken[:40])
+
+
+def test_search_gives_clean_snippets_and_one_search_field(browser, site_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{site_url}/search.html?q=softmax", wait_until="load")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#search-results li p.context').length > 2",
+        timeout=30000,
+    )
+    snippets = page.evaluate(
+        "() => [...document.querySelectorAll('#search-results li p.context')]"
+        ".map(p => p.innerText)"
+    )
+    fields = page.evaluate(
+        "() => [...document.querySelectorAll('.search-button-field')]"
+        ".filter(e => e.offsetParent !== null).length"
+    )
+    page.close()
+    for snippet in snippets:
+        for noise in (".pdf", ".ipynb", ".md"):
+            assert noise not in snippet, f"{noise!r} in a search snippet: {snippet}"
+    assert fields == 1, f"{fields} search fields on the page"

@@ -76,7 +76,8 @@ def test_glue_exercises_admonitions_and_links():
     "text, match",
     [
         ("{doc}`intro`", "does not handle"),
-        ("```{figure} x.png\n```", "does not know the directive"),
+        ("```{figure} x.png\n```", "figure x.png does not exist"),
+        ("```{margin}\nx\n```", "does not know the directive"),
         ("{cite:p}`nobody1999`", "not in book/references.bib"),
         ("{eq}`eq-nowhere`", "unknown equation"),
         (":::{exercise}\n:label: e\n\nNo title.\n:::", "needs a title"),

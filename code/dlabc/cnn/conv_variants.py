@@ -154,7 +154,8 @@ def conv2d(
     r"""2-D convolution (cross-correlation, as in every deep-learning library).
 
     $y_{n,o,p,q} = b_o + \sum_{c,i,j} w_{o,c,i,j}\,
-    x_{n,\,c',\,p s_h + i d_h - \mathrm{pad}_h,\, q s_w + j d_w - \mathrm{pad}_w}$,
+    x_{n,\,c',\,p s_h + i d_h - \mathrm{pad}_h,\, q s_w + j d_w - \mathrm{pad}_w}$
+
     with $x = 0$ outside the image, and $c' = c + g\,C_{in}/G$ for the group $g$ that
     output channel $o$ belongs to. ``x`` is ``(N, C_in, H, W)``, ``weight`` is
     ``(C_out, C_in / groups, k_h, k_w)``, the result ``(N, C_out, H_out, W_out)``.
@@ -270,10 +271,12 @@ def receptive_field(
 ) -> int:
     r"""Width of the input region that one output value of a stack of convolutions sees.
 
-    $r_L = 1 + \sum_{l=1}^{L} d_l (k_l - 1) \prod_{m<l} s_m$: layer $l$ widens the
-    region by its dilated kernel's extra width $d_l (k_l - 1)$, measured in units of
-    the input pixels one step of layer $l$'s input spans (the product of the earlier
-    strides). ``strides`` and ``dilations`` default to 1 for every layer.
+    $r_L = 1 + \sum_{l=1}^{L} d_l (k_l - 1) \prod_{m<l} s_m$
+
+    Layer $l$ widens the region by its dilated kernel's extra width $d_l (k_l - 1)$,
+    measured in units of the input pixels one step of layer $l$'s input spans (the
+    product of the earlier strides). ``strides`` and ``dilations`` default to 1 for
+    every layer.
     """
     _check_kernel_sizes(kernel_sizes)
     ks = _layer_values(kernel_sizes, "kernel_sizes", len(kernel_sizes))
@@ -455,8 +458,9 @@ def conv_transpose2d(
     ``output_padding`` at the end), and correlate with the kernel flipped in space and
     with its input and output channels swapped. ``x`` is ``(N, C_in, H, W)``,
     ``weight`` ``(C_in, C_out / groups, k_h, k_w)`` (PyTorch's layout), the result
-    ``(N, C_out, H_out, W_out)`` with $H_{out} = (H-1)s - 2\,\mathrm{pad} + d(k-1) +
-    \mathrm{output\_padding} + 1$.
+    ``(N, C_out, H_out, W_out)`` with, along each axis,
+
+    $H_{out} = (H-1)s - 2\,\mathrm{pad} + d(k-1) + \mathrm{output\_padding} + 1$
     """
     _check_transpose_args(
         x, weight, bias, stride, padding, output_padding, dilation, groups
@@ -502,11 +506,12 @@ def bilinear_sample(
 ) -> torch.Tensor:
     r"""Values of ``image`` at real-valued positions, by bilinear interpolation.
 
-    $v(y, x) = \sum_{i,j} \max(0, 1 - |y - i|)\, \max(0, 1 - |x - j|)\; I_{i,j}$: the
-    four pixels around $(y, x)$ weighted by their closeness, with $I = 0$ outside the
-    image (so values fade to zero within one pixel of the border). Pixel $(i, j)$ sits
-    at position $(i, j)$. ``image`` is ``(N, C, H, W)``; ``rows`` and ``cols`` are
-    ``(N, *)`` positions of the same shape; the result is ``(N, C, *)``.
+    $v(y, x) = \sum_{i,j} \max(0, 1 - |y - i|)\, \max(0, 1 - |x - j|)\; I_{i,j}$
+
+    That is, the four pixels around $(y, x)$ weighted by their closeness, with $I = 0$
+    outside the image (so values fade to zero within one pixel of the border). Pixel
+    $(i, j)$ sits at position $(i, j)$. ``image`` is ``(N, C, H, W)``; ``rows`` and
+    ``cols`` are ``(N, *)`` positions of the same shape; the result is ``(N, C, *)``.
     """
     _check_sample_args(image, rows, cols)
     n, c, h, w = image.shape
@@ -545,8 +550,11 @@ def sampling_positions(
     r"""Where a deformable convolution samples: the regular grid plus the offsets.
 
     For output $(p, q)$ and kernel point $k = i\,k_w + j$ the position is
+
     $(p s_h - \mathrm{pad}_h + i d_h + \Delta y_k,\; q s_w - \mathrm{pad}_w + j d_w +
-    \Delta x_k)$. ``offset`` is ``(N, 2K, H_out, W_out)`` with channel $2k$ holding
+    \Delta x_k)$
+
+    ``offset`` is ``(N, 2K, H_out, W_out)`` with channel $2k$ holding
     $\Delta y_k$ and $2k+1$ holding $\Delta x_k$, the layout of
     ``torchvision.ops.deform_conv2d``. Returns ``rows, cols``, each
     ``(N, K, H_out, W_out)``.
@@ -607,8 +615,10 @@ def deform_conv2d(
 ) -> torch.Tensor:
     r"""Deformable convolution (v1): each kernel point samples at a learned offset.
 
-    $y_{o}(p) = b_o + \sum_{c} \sum_{k=1}^{K} w_{o,c,k}\;
-    x_c(p_0 + p_k + \Delta p_k)$, with $p_0 + p_k$ the position of kernel point $k$
+    $y_{o}(p_0) = b_o + \sum_{c} \sum_{k=1}^{K} w_{o,c,k}\;
+    x_c(p_0 + p_k + \Delta p_k)$
+
+    with $p_0 + p_k$ the position of kernel point $k$
     in an ordinary convolution (see :func:`sampling_positions`), $\Delta p_k$ the
     offset of that point at that output position, and $x_c(\cdot)$ read with
     :func:`bilinear_sample` (zero outside the image). ``x`` is ``(N, C_in, H, W)``,

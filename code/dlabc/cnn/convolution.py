@@ -227,8 +227,10 @@ def conv2d_naive(
     dilation: Pair = 1,
     groups: int = 1,
 ) -> np.ndarray:
-    r"""The definition, loop by loop: $y[n,o,u,v] = b_o + \sum_{c,i,j}
-    w[o,c,i,j]\, x_\text{pad}[n,\, c,\, s u + d i,\, s v + d j]$.
+    r"""The definition of the convolution, loop by loop, for every output pixel:
+
+    $y[n,o,u,v] = b_o + \sum_{c,i,j}
+    w[o,c,i,j]\, x_\text{pad}[n,\, c,\, s u + d i,\, s v + d j]$
 
     ``x`` is ``(N, C, H, W)``, ``weight`` is ``(O, C / groups, kh, kw)``; output channel
     ``o`` sees only the input channels of its group.
@@ -298,9 +300,10 @@ def conv2d_backward(
     r"""Gradients of :func:`conv2d` with respect to ``x``, ``weight`` and ``bias``.
 
     With $Y = W\,\mathrm{cols}(X) + b$ per group and $\Delta$ = ``grad_out``:
-    $\partial L/\partial W = \sum_n \Delta_n\,\mathrm{cols}(X)_n^\top$,
-    $\partial L/\partial b = \sum_{n,u,v} \Delta$, and
-    $\partial L/\partial X = \mathrm{col2im}(W^\top \Delta)$.
+
+    $\partial L/\partial W = \sum_n \Delta_n\,\mathrm{cols}(X)_n^\top, \quad
+    \partial L/\partial b = \sum_{n,u,v} \Delta, \quad
+    \partial L/\partial X = \mathrm{col2im}(W^\top \Delta)$
     """
     _check_conv(x, weight, None, groups)
     N, O, G = x.shape[0], weight.shape[0], groups

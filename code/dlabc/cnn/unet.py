@@ -78,7 +78,9 @@ class DoubleConv(nn.Sequential):
     ``(N, C_out, H, W)``.
 
     $y = \operatorname{ReLU}(\operatorname{BN}(W_2 * \operatorname{ReLU}(
-    \operatorname{BN}(W_1 * x))))$. Padding 1 keeps the size (the paper used no
+    \operatorname{BN}(W_1 * x))))$
+
+    Padding 1 keeps the size (the paper used no
     padding, so its output was smaller than its input). The convolutions have no
     bias, since the BatchNorm after them subtracts any constant; each has
     $9\,C_{in}C_{out}$ and $9\,C_{out}^2$ weights, each BatchNorm $2\,C_{out}$.
@@ -268,9 +270,11 @@ def dice_score(
     r"""Dice coefficient of predicted labels against true labels, per class.
 
     $\operatorname{Dice}_k = \frac{2|P_k \cap T_k|}{|P_k| + |T_k|}
-    = \frac{2\,TP_k}{2\,TP_k + FP_k + FN_k}$, counted over all pixels of all images
-    (the F1 score of class $k$). A class absent from both ``pred`` and ``target``
-    scores 1. Returns ``(K,)`` float64, or its mean with ``average="macro"``.
+    = \frac{2\,TP_k}{2\,TP_k + FP_k + FN_k}$
+
+    counted over all pixels of all images (the F1 score of class $k$). A class absent
+    from both ``pred`` and ``target`` scores 1. Returns ``(K,)`` float64, or its mean
+    with ``average="macro"``.
     """
     tp, fp, fn = _confusion_counts(pred, target, n_classes)
     denominator = 2 * tp + fp + fn
@@ -323,9 +327,12 @@ def dice_loss(
 
     With $p_{ik}$ the softmax probability of class $k$ at pixel $i$ and $t_{ik}$ the
     one-hot target, summed over all pixels of the batch,
+
     $L = 1 - \frac{1}{K}\sum_k \frac{2\sum_i p_{ik}t_{ik} + s}
-    {\sum_i p_{ik}^2 + \sum_i t_{ik}^2 + s}$, where $s$ = ``smooth`` keeps the ratio
-    defined (and equal to 1) for a class that is in neither.
+    {\sum_i p_{ik}^2 + \sum_i t_{ik}^2 + s}$
+
+    where $s$ = ``smooth`` keeps the ratio defined (and equal to 1) for a class that is
+    in neither.
     """
     _check_dice_args(logits, target, smooth)
     n_classes = logits.shape[1]

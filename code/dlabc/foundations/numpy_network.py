@@ -118,7 +118,8 @@ def _softmax_cross_entropy(
     With $p = \mathrm{softmax}(z)$ and the one-hot label $y$, the loss of one example is
     $-\log p_y$ and its gradient is simply $\partial L / \partial z = p - y$: the
     softmax's Jacobian and the logarithm's derivative cancel. Averaged over the ``N``
-    examples.
+    examples. Each row's largest logit is subtracted first: the softmax is unchanged,
+    and no exponential can overflow.
     """
     n = len(logits)
     # subtract each row's max first, as in the attention chapter: nothing overflows

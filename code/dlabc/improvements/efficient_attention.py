@@ -161,8 +161,8 @@ def bigbird_layout(
       attends to them (BigBird-ITC uses existing tokens as global ones);
     * **window**: block $i$ attends to blocks $i - \lfloor n_w/2 \rfloor, \dots,
       i + \lfloor n_w/2 \rfloor$ (``n_window`` odd);
-    * **random**: every other row gets ``n_random`` more key blocks, drawn uniformly
-      from those it does not have yet.
+    * **random**: every row that is not global gets ``n_random`` more key blocks,
+      drawn uniformly from those it does not have yet.
     """
     _check_bigbird(n_blocks, n_global, n_window, n_random, generator)
     blocks = torch.arange(n_blocks)
@@ -263,8 +263,8 @@ def block_sparse_attention(
     of query and key positions, e.g. a window) and ``key_mask`` (``(..., T)``, False
     for padding) can hide single keys. The result equals dense attention with the mask
     ``expand_layout(layout) & allowed & key_mask``. Rows whose layout is full (global
-    blocks) are computed densely, the others gather their key blocks: with at most $r$
-    blocks per row the scores take $T \cdot r b$ numbers, not $T^2$.
+    blocks) are computed densely, the others gather their key blocks: with at most $n$
+    blocks per row the scores take $T \cdot n b$ numbers, not $T^2$.
 
     Returns ``out`` ``(..., T, d_v)`` and the log-sum-exp ``lse`` ``(..., T)`` of each
     row, so that results over disjoint key sets can be merged

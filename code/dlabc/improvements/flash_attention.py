@@ -44,6 +44,7 @@ __all__ = [
     "FlashAttention",
     "flash_attention",
     "peak_memory",
+    "cpu_memory_methods",
     "memory_and_seconds",
 ]
 
@@ -423,6 +424,11 @@ def peak_memory(
     peak = _rss_bytes("VmHWM")
     del result
     return max(peak - before, 0)
+
+
+def cpu_memory_methods() -> list[str]:
+    """The ways :func:`peak_memory` can measure CPU memory on this machine."""
+    return ["rss", "profiler"] if _can_reset_peak_rss() else ["profiler"]
 
 
 def _can_reset_peak_rss() -> bool:

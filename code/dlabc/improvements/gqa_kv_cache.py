@@ -118,12 +118,15 @@ def kv_cache_bytes(
     batch: int = 1,
     bytes_per_value: int = 2,
 ) -> int:
-    r"""The bytes of a key-value cache:
-    $2 \cdot L \cdot g \cdot d_{head} \cdot T \cdot B \cdot b$.
+    r"""The bytes of a key-value cache,
 
-    One key and one value (the 2) of $g\,d_{head}$ numbers per layer, per position and
-    per sequence, $b$ bytes each (2 for float16 or bfloat16, 4 for float32, 1 for
-    8-bit). For a sliding window, pass ``seq_len = min(T, window)``.
+    $2 \cdot L \cdot g \cdot d_{head} \cdot T \cdot B \cdot b ,$
+
+    with $L$ = ``n_layers``, $g$ = ``n_kv_heads``, $T$ = ``seq_len``, $B$ = ``batch``
+    and $b$ = ``bytes_per_value``: one key and one value (the 2) of $g\,d_{head}$
+    numbers per layer, per position and per sequence, $b$ bytes each (2 for float16 or
+    bfloat16, 4 for float32, 1 for 8-bit). For a sliding window, pass
+    ``seq_len = min(T, window)``.
     """
     for name, value in (
         ("n_layers", n_layers),

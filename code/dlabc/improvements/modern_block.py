@@ -58,15 +58,16 @@ FFNS = ("swiglu", "gelu")
 def swiglu_hidden_size(
     d_model: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None
 ) -> int:
-    r"""The hidden size of LLaMA's SwiGLU network for a model width ``d_model``.
+    r"""The hidden size of LLaMA's SwiGLU network for a model width ``d_model``,
 
-    $h = \mathrm{multiple\_of} \cdot \big\lceil \lfloor m \lfloor \tfrac23 \cdot 4d
-    \rfloor \rfloor / \mathrm{multiple\_of} \big\rceil$: two thirds of the $4d$ of
-    the 2017 network (Shazeer's rule, which keeps the parameter count), times an
-    optional multiplier $m$ (added by Llama 2's code; 1.3 in Llama 2 70B and in
-    Llama 3 8B and 70B), rounded *up* to a multiple of ``multiple_of``, as in
-    LLaMA's reference code. For $d = 4096$:
-    $\lfloor 16384 \cdot 2/3 \rfloor = 10922 \to 11008$.
+    $d_{ff} = k \big\lceil \lfloor m \lfloor \tfrac23 \cdot 4d \rfloor \rfloor / k
+    \big\rceil ,$
+
+    with $k$ = ``multiple_of``: two thirds of the $4d$ of the 2017 network (Shazeer's
+    rule, which keeps the parameter count), times an optional multiplier $m$ =
+    ``ffn_dim_multiplier`` (added by Llama 2's code; 1.3 in Llama 2 70B and in Llama 3
+    8B and 70B), rounded *up* to a multiple of $k$, as in LLaMA's reference code. For
+    $d = 4096$: $\lfloor 16384 \cdot 2/3 \rfloor = 10922 \to 11008$.
     """
     check_positive_int(d_model, "d_model")
     check_positive_int(multiple_of, "multiple_of")

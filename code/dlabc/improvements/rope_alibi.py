@@ -228,10 +228,10 @@ def apply_rope_interleaved(
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     r"""ALiBi's slope per head (Press et al., section 3).
 
-    For $n$ heads, $n$ a power of two: $m_k = 2^{-8k/n}$, $k = 1 \dots n$ (for 8 heads,
+    For $n$ heads, $n$ a power of two: $m_h = 2^{-8h/n}$, $h = 1 \dots n$ (for 8 heads,
     $1/2, 1/4, \dots, 1/256$). Otherwise, with $2^a$ the largest power of two below
     $n$: the $2^a$ slopes for $2^a$ heads, then every other slope of the sequence for
-    $2^{a+1}$ heads ($k = 1, 3, 5, \dots$) until there are $n$, the rule of the
+    $2^{a+1}$ heads ($h = 1, 3, 5, \dots$) until there are $n$, the rule of the
     paper's reference code. Returns a ``(n_heads,)`` float32 tensor.
     """
     check_positive_int(n_heads, "n_heads")
@@ -249,8 +249,8 @@ def alibi_bias(
 ) -> torch.Tensor:
     r"""The causal ALiBi bias to add to the attention scores, ``(n_heads, T, T)``.
 
-    $\mathrm{bias}_{k, i, j} = -m_k\,(i - j)$ for $j \le i$, and $-\infty$ for $j > i$:
-    a query at position $i$ pays $m_k$ per position of distance to the key, and never
+    $\mathrm{bias}_{h, i, j} = -m_h\,(i - j)$ for $j \le i$, and $-\infty$ for $j > i$:
+    a query at position $i$ pays $m_h$ per position of distance to the key, and never
     sees a later key. Adding it to the scores is the causal mask and ALiBi in one.
     """
     check_positive_int(n_heads, "n_heads")

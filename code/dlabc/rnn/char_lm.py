@@ -157,8 +157,10 @@ def batches(
 class CharLSTM(nn.Module):
     r"""Embedding, LSTM, linear read-out: a distribution over the next character.
 
-    $e_t = E\,[x_t], \qquad (h_t, c_t) = \operatorname{LSTM}(e_t, h_{t-1}, c_{t-1}),
-    \qquad p(x_{t+1} \mid x_{\le t}) = \operatorname{softmax}(W h_t + b).$
+    $\begin{aligned}
+    e_t &= E\,[x_t], \qquad (h_t, c_t) = \operatorname{LSTM}(e_t, h_{t-1}, c_{t-1}),\\
+    p(x_{t+1} \mid x_{\le t}) &= \operatorname{softmax}(W h_t + b).
+    \end{aligned}$
 
     The recurrence is ``torch.nn.LSTM`` (the previous chapter checks our own LSTM cell
     against it). ``forward(x, state)`` takes ids ``x`` of shape ``(B, T)`` and returns

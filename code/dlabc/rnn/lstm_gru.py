@@ -169,11 +169,11 @@ class LSTMCell(_Cell):
     r"""One LSTM step, with PyTorch's parameters and gate order ``[i, f, g, o]``.
 
     $\begin{aligned}
-    i &= \sigma(W_{ii} x + b_{ii} + W_{hi} h + b_{hi}), &
+    i &= \sigma(W_{ii} x + b_{ii} + W_{hi} h + b_{hi}),\\
     f &= \sigma(W_{if} x + b_{if} + W_{hf} h + b_{hf}),\\
-    g &= \tanh(W_{ig} x + b_{ig} + W_{hg} h + b_{hg}), &
+    g &= \tanh(W_{ig} x + b_{ig} + W_{hg} h + b_{hg}),\\
     o &= \sigma(W_{io} x + b_{io} + W_{ho} h + b_{ho}),\\
-    c' &= f \odot c + i \odot g, & h' &= o \odot \tanh(c').
+    c' &= f \odot c + i \odot g, \qquad h' = o \odot \tanh(c').
     \end{aligned}$
 
     ``forward(x, (h, c))`` takes ``x`` of shape ``(B, I)`` (or ``(I,)``) and the state
@@ -201,9 +201,9 @@ class GRUCell(_Cell):
     r"""One GRU step, with PyTorch's parameters and gate order ``[r, z, n]``.
 
     $\begin{aligned}
-    r &= \sigma(W_{ir} x + b_{ir} + W_{hr} h + b_{hr}), &
+    r &= \sigma(W_{ir} x + b_{ir} + W_{hr} h + b_{hr}),\\
     z &= \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}),\\
-    n &= \tanh\big(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn})\big), &
+    n &= \tanh\big(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn})\big),\\
     h' &= (1 - z) \odot n + z \odot h .
     \end{aligned}$
 

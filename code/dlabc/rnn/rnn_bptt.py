@@ -226,13 +226,19 @@ class RNN:
         r"""Backpropagation through time, for the last ``forward``.
 
         ``grad_output`` is $\partial L/\partial\,$``output`` (the layout of ``output``),
-        ``grad_h_n`` (optional) $\partial L/\partial\,$``h_n``. Going back in time,
-        $\delta_t = \big(g_t + \delta_{t+1} W_{hh}\big) \odot \phi'(a_t)$ is
-        $\partial L/\partial a_t$, where $g_t$ is the gradient that reaches $h_t$ from
-        above (the loss, or the next layer); then
-        $\partial L/\partial W_{hh} = \sum_t \delta_t^\top h_{t-1}$,
-        $\partial L/\partial W_{ih} = \sum_t \delta_t^\top x_t$,
-        $\partial L/\partial b = \sum_t \delta_t$ (summed over the batch too),
+        ``grad_h_n`` (optional) $\partial L/\partial\,$``h_n``. With $g_t$ the gradient
+        that reaches $h_t$ from above (the loss, or the next layer), each layer goes
+        back in time computing $\delta_t = \partial L/\partial a_t$:
+
+        $\delta_t = \big(g_t + \delta_{t+1} W_{hh}\big) \odot \phi'(a_t)$
+
+        and sums its uses over the steps (and the batch):
+
+        $\partial L/\partial W_{hh} = \sum_t \delta_t^\top h_{t-1}, \quad
+        \partial L/\partial W_{ih} = \sum_t \delta_t^\top x_t, \quad
+        \partial L/\partial b = \sum_t \delta_t$
+
+        The gradients that leave the layer are
         $\partial L/\partial x_t = \delta_t W_{ih}$ and
         $\partial L/\partial h_0 = \delta_1 W_{hh}$. Returns a dict with every
         parameter's gradient (also written into ``grads``), ``"input"`` and ``"h_0"``.

@@ -337,9 +337,11 @@ class Decoder(nn.Module):
 
     With attention (Bahdanau et al., appendix A) step $i$ computes
 
-    $c_i = \mathrm{attention}(s_{i-1}, h_{1..S}), \quad
-    s_i = \mathrm{GRU}([E y_{i-1}; c_i],\, s_{i-1}), \quad
-    p(y_i \mid y_{<i}, x) = \mathrm{softmax}(W_o [s_i; c_i; E y_{i-1}] + b_o)$
+    $\begin{aligned}
+    c_i &= \mathrm{attention}(s_{i-1}, h_{1..S}),\\
+    s_i &= \mathrm{GRU}([E y_{i-1}; c_i],\, s_{i-1}),\\
+    p(y_i \mid y_{<i}, x) &= \mathrm{softmax}(W_o [s_i; c_i; E y_{i-1}] + b_o)
+    \end{aligned}$
 
     from $s_0 = \tanh(W_s\, m)$, $m$ the encoder's summary. Without attention the
     context is that summary at every step, $c_i = m$ (Cho et al., 2014): the whole

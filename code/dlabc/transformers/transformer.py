@@ -116,9 +116,11 @@ def _check_layer_input(x: object, memory: object, d_model: int) -> None:
 class DecoderLayer(nn.Module):
     r"""One decoder layer (Vaswani et al., section 3.1): three sub-layers,
 
-    $h = \mathrm{LN}\big(y + \mathrm{MultiHead}(y, y, y;\ M^{causal})\big)$,
-    $h' = \mathrm{LN}\big(h + \mathrm{MultiHead}(h, m, m;\ M^{src})\big)$,
-    $y' = \mathrm{LN}\big(h' + \mathrm{FFN}(h')\big)$
+    $\begin{aligned}
+    h &= \mathrm{LN}\big(y + \mathrm{MultiHead}(y, y, y;\ M^{causal})\big), \\
+    h' &= \mathrm{LN}\big(h + \mathrm{MultiHead}(h, m, m;\ M^{src})\big), \\
+    y' &= \mathrm{LN}\big(h' + \mathrm{FFN}(h')\big)
+    \end{aligned}$
 
     in the paper's arrangement (post-LN); pre-LN (``norm_first``) computes each as
     $x + \mathrm{Sublayer}(\mathrm{LN}(x))$ instead. The cross-attention's queries
