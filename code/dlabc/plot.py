@@ -9,7 +9,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-
 #: The widest figure the book's page shows at the size it is drawn: the content column
 #: at a 1280-px window is 750 px, and figures are drawn at 110 dpi (6.8 in = 748 px).
 COLUMN_INCHES = 6.8
