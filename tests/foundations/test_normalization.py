@@ -15,23 +15,16 @@ early, with a clear message.
 
 from __future__ import annotations
 
-import matplotlib
+import pytest
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from dlabc.foundations.normalization import (  # noqa: E402
+from dlabc.foundations.normalization import (
     BatchNorm,
     GroupNorm,
     InstanceNorm,
     LayerNorm,
     RMSNorm,
-    draw_norm_axes,
     rms_scale,
     standardize,
 )
@@ -451,52 +444,6 @@ def test_float32_agrees_with_torch_on_a_large_offset(kind):
         torch.testing.assert_close(ours.running_var, ref.running_var, **F32)
 
 
-# --------------------------------------------------------------------- draw_norm_axes
-
-
-def shares_statistics_with_the_first_value(kind, n, c, hw, groups):
-    """Which values of an (N, C, H*W) input change when x[0, 0, 0] does."""
-    layer = {
-        "batch": BatchNorm(c),
-        "layer": LayerNorm((c, hw)),
-        "instance": InstanceNorm(c),
-        "group": GroupNorm(groups, c),
-    }[kind].double()
-    x = rand(n, c, hw)
-    moved = x.clone()
-    moved[0, 0, 0] += 1
-    with torch.no_grad():
-        return ((layer(moved) - layer(x)).abs() > 1e-9).numpy()
-
-
-@pytest.mark.parametrize("kind", ["batch", "layer", "instance", "group"])
-def test_draw_norm_axes_shades_the_values_that_share_statistics(kind, monkeypatch):
-    n, c, hw, groups = 3, 4, 5, 2
-    fig = plt.figure()
-    ax = fig.add_subplot(projection="3d")
-    calls = []
-    draw_voxels = ax.voxels
-
-    def spy(*args, **kwargs):
-        calls.append((args, kwargs))
-        return draw_voxels(*args, **kwargs)
-
-    monkeypatch.setattr(ax, "voxels", spy)
-    draw_norm_axes(ax, kind, n=n, c=c, hw=hw, groups=groups)
-    assert len(calls) == 1
-    (filled,), kwargs = calls[0]
-    assert filled.shape == (n, c, hw) and filled.all()
-    shaded = kwargs["facecolors"] == "#4c72b0"
-    expected = {"batch": n * hw, "layer": c * hw, "instance": hw, "group": 2 * hw}
-    assert shaded.sum() == expected[kind]
-    np.testing.assert_array_equal(
-        shaded, shares_statistics_with_the_first_value(kind, n, c, hw, groups)
-    )
-    assert ax.get_title() == f"{kind.capitalize()} Norm"
-    assert len(ax.collections) > 0
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------- bad input: one table
 
 LAYERS = {
@@ -522,11 +469,6 @@ CHANNEL_LAYERS = {
 
 def _p(call, error, match, id):
     return pytest.param(call, error, match, id=id)
-
-
-def _axes(projection=None):
-    fig = plt.figure()
-    return fig.add_subplot(projection=projection)
 
 
 _x = torch.randn(2, 3)
@@ -771,29 +713,13 @@ BAD_INPUT = [
         "momentum must be a number",
         "batch-momentum-none",
     ),
-    _p(
-        lambda: draw_norm_axes(_axes("3d"), "weight"),
-        ValueError,
-        "kind must be one of",
-        "draw-kind",
-    ),
-    _p(lambda: draw_norm_axes(_axes(), "batch"), TypeError, "3-D axes", "draw-ax-2d"),
-    _p(
-        lambda: draw_norm_axes(_axes("3d"), "group", c=5, groups=2),
-        ValueError,
-        r"c \(5\) must be divisible by groups \(2\)",
-        "draw-groups",
-    ),
 ]
 
 
 @pytest.mark.parametrize("call, error, match", BAD_INPUT)
 def test_bad_input_is_rejected(call, error, match):
-    try:
-        with pytest.raises(error, match=match):
-            call()
-    finally:
-        plt.close("all")
+    with pytest.raises(error, match=match):
+        call()
 
 
 @pytest.mark.parametrize("kind", list(EPS_LAYERS))

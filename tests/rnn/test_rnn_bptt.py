@@ -16,23 +16,17 @@ message.
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from dlabc.foundations.numpy_network import Dense, numerical_gradient  # noqa: E402
-from dlabc.rnn.rnn_bptt import (  # noqa: E402
+from dlabc.foundations.numpy_network import Dense, numerical_gradient
+from dlabc.rnn.rnn_bptt import (
     RNN,
     clip_gradients,
     delayed_sign_task,
-    draw_unrolled,
     input_gradient_norms,
     set_spectral_radius,
     train_tbptt,
@@ -430,24 +424,6 @@ def test_input_gradient_norms_closed_form_in_the_linear_regime():
     np.testing.assert_allclose(input_gradient_norms(ours, x), expected, rtol=1e-9)
 
 
-# --------------------------------------------------------------------- the figure
-
-
-@pytest.mark.parametrize("steps", [1, 4, 12])
-@pytest.mark.parametrize("backward", [True, False])
-def test_draw_unrolled_draws_every_node_and_arrow(steps, backward):
-    fig, ax = plt.subplots()
-    draw_unrolled(ax, steps=steps, backward=backward)
-    boxes = [t for t in ax.texts if t.get_bbox_patch() is not None]
-    assert len(boxes) == 1 + 3 * steps  # h_0, then x_t, h_t, y_t
-    labels = {t.get_text() for t in boxes}
-    assert {"$h_0$", "$x_{%d}$" % steps, "$h_{%d}$" % steps} <= labels
-    arrows = [t for t in ax.texts if getattr(t, "arrow_patch", None) is not None]
-    assert len(arrows) == steps * (5 if backward else 3)
-    assert not ax.axison
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------- bad input
 
 
@@ -462,12 +438,6 @@ def _frozen() -> np.ndarray:
     frozen = np.ones(3)
     frozen.flags.writeable = False
     return frozen
-
-
-def _closed_figure():
-    fig, _ = plt.subplots()
-    plt.close(fig)
-    return fig
 
 
 _X, _Y = np.ones((6, 2, 1)), np.zeros((6, 2), dtype=int)
@@ -838,24 +808,6 @@ BAD_INPUT = [
         ValueError,
         "x is an empty sequence",
         id="gradient_norms_draw-1",
-    ),
-    pytest.param(
-        lambda: draw_unrolled(_closed_figure().axes[0], steps=0),
-        ValueError,
-        "steps must be positive, got 0",
-        id="gradient_norms_draw-2",
-    ),
-    pytest.param(
-        lambda: draw_unrolled(_closed_figure().axes[0], backward="yes"),
-        TypeError,
-        "backward must be a bool",
-        id="gradient_norms_draw-3",
-    ),
-    pytest.param(
-        lambda: draw_unrolled(_closed_figure()),
-        TypeError,
-        "ax must be a matplotlib Axes, got Figure",
-        id="gradient_norms_draw-4",
     ),
 ]
 

@@ -102,7 +102,7 @@ def _neuron_step(
     z = x @ w + b  # (N,) the weighted sums
     y_hat = sigmoid(z)  # (N,) the activation
     loss = bce_loss(z, y)  # the binary cross-entropy
-    dz = (y_hat - y) / len(x)  # (N,) dL/dz = y_hat - y, averaged over N
+    dz = (y_hat - y) / len(x)  # (N,) dL/dz_n: L is a mean, so (y_hat_n - y_n) / N
     dw = x.T @ dz  # (D,) dL/dz times the input x, summed over the examples
     db = float(dz.sum())  # the input of b is always 1
     return NeuronStep(z, y_hat, loss, dz, dw, db, w - lr * dw, b - lr * db)

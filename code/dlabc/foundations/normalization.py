@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -38,7 +36,6 @@ __all__ = [
     "InstanceNorm",
     "GroupNorm",
     "RMSNorm",
-    "draw_norm_axes",
 ]
 
 
@@ -331,34 +328,3 @@ class RMSNorm(nn.Module):
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         x_hat = rms_scale(x, last_axes, eps)
         return x_hat * self.weight if self.elementwise_affine else x_hat
-
-
-def draw_norm_axes(
-    ax: plt.Axes, kind: str, n: int = 6, c: int = 6, hw: int = 6, groups: int = 2
-) -> None:
-    """Draw the classic cube: batch ``N`` x channels ``C`` x positions ``H, W``.
-
-    The values that share one mean and variance under ``kind`` ("batch", "layer",
-    "instance", "group") are shaded; ``ax`` must be a 3-D axes.
-    """
-    kinds = ("batch", "layer", "instance", "group")
-    if kind not in kinds:
-        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
-    if getattr(ax, "name", "") != "3d":
-        raise TypeError("draw_norm_axes needs a 3-D axes (projection='3d')")
-    if kind == "group" and c % groups:
-        raise ValueError(f"c ({c}) must be divisible by groups ({groups})")
-    shaded = np.zeros((n, c, hw), dtype=bool)  # (N, C, H*W)
-    if kind == "batch":
-        shaded[:, 0, :] = True  # one channel, all examples, all positions
-    elif kind == "layer":
-        shaded[0, :, :] = True  # one example, all channels and positions
-    elif kind == "instance":
-        shaded[0, 0, :] = True  # one example, one channel
-    else:
-        shaded[0, : c // groups, :] = True  # one example, one group of channels
-    colors = np.where(shaded, "#4c72b0", "#e8e8e8")
-    ax.voxels(np.ones_like(shaded), facecolors=colors, edgecolor="#888888", lw=0.3)
-    ax.set(xlabel="N", ylabel="C", zlabel="H, W", xticks=[], yticks=[], zticks=[])
-    ax.set_title(f"{kind.capitalize()} Norm")
-    ax.view_init(elev=20, azim=-55)

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -41,7 +40,6 @@ __all__ = [
     "delayed_sign_task",
     "set_spectral_radius",
     "input_gradient_norms",
-    "draw_unrolled",
 ]
 
 NONLINEARITIES = ("tanh", "relu")
@@ -461,54 +459,3 @@ def input_gradient_norms(
     squares = (grad_x**2).sum(-1)  # (T, N), or (T,) unbatched
     norms = np.sqrt(squares.mean(1) if squares.ndim == 2 else squares)  # (T,)
     return norms[::-1].copy()  # norms[k]: k steps before the last
-
-
-def draw_unrolled(ax: plt.Axes, steps: int = 4, backward: bool = True) -> None:
-    r"""Draw the recurrence unrolled over ``steps`` time steps.
-
-    Inputs $x_t$ at the bottom, states $h_t$ in the middle (from $h_0$), outputs
-    $\hat y_t$ on top; the same $W_{ih}$ carries every input up and the same $W_{hh}$
-    every state to the next. With ``backward``, the gradient's way back is drawn in
-    red: $g_t$ down from every output, and $\delta_t$ back through time.
-    """
-    if not isinstance(ax, plt.Axes):
-        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
-    check_positive_int(steps, "steps")
-    if not isinstance(backward, bool):
-        raise TypeError(f"backward must be a bool, got {type(backward).__name__}")
-    box = dict(boxstyle="round,pad=0.35", lw=1)
-    styles = {
-        "x": dict(box, fc="#dde8f5", ec="#4c72b0"),
-        "h": dict(box, fc="#fbe3cf", ec="#dd8452"),
-        "y": dict(box, fc="#dcefdc", ec="#55a868"),
-    }
-
-    def node(x: float, y: float, text: str, kind: str) -> None:
-        ax.text(x, y, text, ha="center", va="center", fontsize=11, bbox=styles[kind])
-
-    def arrow(start, end, label="", offset=(0.0, 0.0), color="#444444", ls="-"):
-        props = dict(
-            arrowstyle="-|>", color=color, lw=1.3, ls=ls, shrinkA=14, shrinkB=14
-        )
-        ax.annotate("", xy=end, xytext=start, arrowprops=props)
-        middle = (
-            (start[0] + end[0]) / 2 + offset[0],
-            (start[1] + end[1]) / 2 + offset[1],
-        )
-        ax.text(*middle, label, ha="center", va="center", fontsize=8, color=color)
-
-    red = dict(color="#c44e52", ls="--")
-    node(0, 1, "$h_0$", "h")
-    for t in range(1, steps + 1):
-        node(t, 0, "$x_{%d}$" % t, "x")
-        node(t, 1, "$h_{%d}$" % t, "h")
-        node(t, 2, "$\\hat y_{%d}$" % t, "y")
-        arrow((t, 0), (t, 1), "$W_{ih}$", offset=(0.2, 0))
-        arrow((t - 0.08, 1), (t - 0.08, 2))
-        arrow((t - 1, 1), (t, 1), "$W_{hh}$", offset=(0, 0.13))
-        if backward:  # the loss's gradient enters at every output, then goes back
-            arrow((t + 0.08, 2), (t + 0.08, 1), "$g_{%d}$" % t, (0.2, 0), **red)
-            arrow((t, 0.82), (t - 1, 0.82), "$\\delta_{%d}$" % t, (0, -0.13), **red)
-    ax.set(xlim=(-0.5, steps + 0.5), ylim=(-0.5, 2.5))
-    ax.set_aspect("equal")
-    ax.axis("off")
