@@ -59,7 +59,7 @@ endif
 	$(JB) build . --warningiserror --keep-going --builder html
 
 test: system $(READY)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n auto
 
 # Every chapter's notebook, executed top to bottom like Colab (two kernels at a time), in an
 # environment that has only what Colab has (torch, numpy, matplotlib and a kernel) before the

@@ -74,7 +74,31 @@ def test_show_source_is_the_module_code():
     file_lines = open(inspect.getsourcefile(afs.softmax)).read().splitlines()
     assert file_lines[first - 1].startswith("def softmax(")
     assert f"lines {first}–{last}" in shown
-    assert "```python\n" + "\n".join(file_lines[first - 1 : last]) + "\n```" in shown
+    source = "\n".join(file_lines[first - 1 : last])
+    code, doc = book.split_docstring(source)
+    assert '"""' not in code and "return e / e.sum(" in code
+    assert "```python\n" + code + "\n```" in shown  # the code, without its docstring
+    assert (
+        doc.startswith("Max-subtraction trick") and "> Max-subtraction trick" in shown
+    )
+
+
+def test_a_docstring_is_shown_as_text_and_its_formulas_as_display_math():
+    source = (
+        'def f(x):\n    """Doubles ``x``, see :func:`g`.\n\n    $y = 2x$\n    """\n'
+        "    return 2 * x"
+    )
+    code, doc = book.split_docstring(source)
+    assert code == "def f(x):\n    return 2 * x"
+    markdown = book._docstring_markdown(doc)
+    assert markdown == "> Doubles `x`, see `g`.\n>\n> $$\n> y = 2x\n> $$"
+    assert book.split_docstring("def f():\n    return 1") == (
+        "def f():\n    return 1",
+        None,
+    )
+    assert (
+        book.split_docstring('def f():\n    """Only this."""')[0] == "def f():\n    ..."
+    )
 
 
 def test_show_source_rejects_what_it_cannot_show():

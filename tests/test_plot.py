@@ -72,7 +72,10 @@ def test_image_grid_lays_out_the_images(n, ncols, shape):
     assert len(shown) == n  # the cells after the last image stay empty
     for k, image in enumerate(shown):
         np.testing.assert_array_equal(image.get_array(), images[k])
-    assert tuple(fig.get_size_inches()) == pytest.approx((shape[1], shape[0]))
+    size = min(1.0, plot.COLUMN_INCHES / shape[1])  # never wider than the column
+    assert tuple(fig.get_size_inches()) == pytest.approx(
+        (shape[1] * size, shape[0] * size)
+    )
     plt.close(fig)
 
 

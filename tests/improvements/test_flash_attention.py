@@ -146,7 +146,9 @@ def test_both_cpu_methods_see_a_peak_that_was_freed(method):
         return torch.ones(5_000_000)
 
     peak = peak_memory(allocate_and_free, method=method)
-    assert 40e6 * 0.9 < peak < 40e6 * 1.5
+    # at least the 40 MB; the resident size may also keep the freed 40 MB while the
+    # 20 MB are made (the C library decides when freed memory goes back)
+    assert 40e6 * 0.9 < peak < 60e6 * 1.2
 
 
 def test_auto_picks_the_profiler_where_linux_rss_is_missing(monkeypatch):

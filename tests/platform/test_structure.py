@@ -209,3 +209,17 @@ def test_figures_are_drawn_for_the_column_with_readable_text(chapter):
 
 
 FIGURE_INCHES = plot.COLUMN_INCHES
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
+def test_code_cells_fit_the_code_box(chapter):
+    """88 columns, like the package (the box holds 92 at 1280 px); `make lint` formats
+    the cells, and a long string is split by hand."""
+    long = [
+        line
+        for cell in chapters.read(chapter).cells
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if len(line) > 88
+    ]
+    assert not long, f"code-cell lines over 88 columns: {long}"

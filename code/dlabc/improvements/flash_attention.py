@@ -23,6 +23,7 @@ it shows the algorithm and its memory footprint, not its speed. Shapes: ``q`` is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
@@ -426,6 +427,21 @@ def peak_memory(
     return max(peak - before, 0)
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Silence what the profiler's C++ side (Kineto) logs to the process's stderr while
+    it starts and stops; Python's own ``sys.stderr`` is left alone."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def cpu_memory_methods() -> list[str]:
     """The ways :func:`peak_memory` can measure CPU memory on this machine."""
     return ["rss", "profiler"] if _can_reset_peak_rss() else ["profiler"]
@@ -445,7 +461,10 @@ def _profiled_peak(fn: Callable[[], object]) -> int:
     order."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _stderr_to_devnull(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         result = fn()
         del result
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
