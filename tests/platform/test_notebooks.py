@@ -296,9 +296,12 @@ def _printed(nb: nbformat.NotebookNode) -> str:
 
 
 #: Glued values that measure wall-clock time or memory use, so differ from run to run.
-MEASURED = re.compile(
-    r"(second|_ms$|_s$|time|speed|faster|slower|_mb$|_kb$|bytes|memory)"
-)
+MEASURED = {
+    "": r"second|time|speed",
+    "improvements/flash_attention": r"_mb|mib|growth|tiled|naive|fused|floor|factor"
+    r"|ratio|numbers_8k",
+    "improvements/efficient_attention": r"_mb|growth|slope|dense_max|ratio|matrices",
+}
 
 
 @pytest.mark.slow
