@@ -301,6 +301,8 @@ MEASURED = {
     "improvements/flash_attention": r"_mb|mib|growth|tiled|naive|fused|floor|factor"
     r"|ratio|numbers_8k",
     "improvements/efficient_attention": r"_mb|growth|slope|dense_max|ratio|matrices",
+    "cnn/convolution": r"_vs_",  # how many times faster one convolution is than another
+    "improvements/gqa_kv_cache": r"growth",  # how a step's time grows with the length
 }
 
 
