@@ -147,14 +147,9 @@ def render(out: Path) -> list[Path]:
 
 
 def _chromium() -> str:
-    import shutil
+    import layout
 
-    found = next(
-        filter(
-            None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))
-        ),
-        None,
-    )
+    found = layout.chromium()
     if not found:
         raise SystemExit(
             "Chromium is needed to render diagrams (apt-get install chromium)"

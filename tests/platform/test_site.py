@@ -8,13 +8,9 @@ Full-page screenshots land in ``_build/screenshots/`` for a person to look at.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import re
-import shutil
-import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,7 +19,7 @@ import pytest
 import chapters
 import layout
 
-SITE = chapters.ROOT / "_build" / "html"
+SITE = layout.SITE
 SHOTS = chapters.ROOT / "_build" / "screenshots"
 IN_CI = os.environ.get("CI") == "true"
 CHROMIUM_FLAGS = [
@@ -48,25 +44,13 @@ def _missing(reason: str):
 def site_url():
     if not (SITE / "index.html").is_file():
         _missing(f"no built site at {SITE}; run `make book` first")
-    handler = functools.partial(_QuietHandler, directory=str(SITE))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest's output readable
-        pass
+    with layout.serve(SITE) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser():
-    names = ("chromium", "chromium-browser", "google-chrome")
-    chromium = os.environ.get("CHROMIUM") or next(
-        filter(None, map(shutil.which, names)), None
-    )
+    chromium = layout.chromium()
     if not chromium:
         _missing(
             "Chromium not found; install it with `apt-get install chromium` (or set CHROMIUM=/path)"
