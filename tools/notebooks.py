@@ -82,7 +82,7 @@ def _targets_of_other_pages() -> list[tuple[Path, dict[str, str]]]:
     found = []
     for page in chapters.chapters():
         converter = Converter(page, {})
-        converter.number_equations([page.read_text()])
+        converter.collect_labels([page.read_text()])
         found.append((page, converter.targets))
     return found
 
@@ -107,7 +107,9 @@ class Converter:
         self.cited: list[str] = []
 
     # -- equations ---------------------------------------------------------------------------
-    def number_equations(self, cells: list[str]) -> None:
+    def collect_labels(self, cells: list[str]) -> None:
+        """Number the chapter's equations, exercises' titles, figures and ``(label)=``
+        targets before any cell is converted (a reference may precede its target)."""
         for text in cells:
             for label in re.findall(r"^\$\$ *\(([\w-]+)\)[ \t]*$", text, flags=re.M):
                 self.equations[label] = len(self.equations) + 1
@@ -290,7 +292,7 @@ def convert(path: Path) -> nbformat.NotebookNode:
     source = chapters.read(path)
     bib = parse_file(str(chapters.ROOT / "book" / "references.bib")).entries
     converter = Converter(path, bib)
-    converter.number_equations(
+    converter.collect_labels(
         [c.source for c in source.cells if c.cell_type == "markdown"]
     )
     shown = iter(shown_code.shown_objects(path))

@@ -26,7 +26,7 @@ def convert(text: str, chapter: Path | None = None) -> str:
         chapter or chapters.ROOT / "book" / "transformers" / "attention_from_scratch.md"
     )
     c = notebooks.Converter(chapter, BIB)
-    c.number_equations([text])
+    c.collect_labels([text])
     return c.markdown(text)
 
 
