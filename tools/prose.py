@@ -62,6 +62,10 @@ ALLOWED: dict[tuple[str, str], str] = {
         "improvements/gqa_kv_cache",
         "5%",
     ): "the GQA paper's uptraining budget (cited above)",
+    (
+        "scaling/index",
+        "112 GB",
+    ): "arithmetic: 16 bytes per parameter (the table above) times 7e9 parameters",
 }
 
 _HIDE = [

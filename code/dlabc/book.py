@@ -319,8 +319,30 @@ def implementation(line: str, cell: str) -> None:
     cell defines the object again *inside its module* of ``dlabc`` (so the module's
     other code, and the cells below, use the reader's version) and in the notebook's
     own namespace; a method (``QUALNAME`` ``Class.method``) replaces the class's method.
-    Run unchanged, the cell defines exactly what the package has.
+    Run unchanged, the cell defines exactly what the package has. The cell is also
+    remembered, so that the processes a chapter starts (:mod:`dlabc.distributed`) run
+    the reader's version too.
     """
+    obj = define(line, cell)
+    _EDITED[line.strip()] = cell
+    shell = _shell()
+    if shell is not None and "." not in line.split()[1]:
+        shell.user_ns[line.split()[1]] = obj
+
+
+#: The implementation cells run in this process, by ``"MODULE QUALNAME"``.
+_EDITED: dict[str, str] = {}
+
+
+def edited_implementations() -> list[tuple[str, str]]:
+    """The ``(line, cell)`` pairs of the implementation cells run so far, oldest
+    first."""
+    return list(_EDITED.items())
+
+
+def define(line: str, cell: str) -> object:
+    """Define ``QUALNAME`` of ``MODULE`` (``line``) again from the source ``cell``,
+    inside its module; return the new object. What :func:`implementation` runs."""
     import importlib
 
     parts = line.split()
@@ -346,12 +368,11 @@ def implementation(line: str, cell: str) -> None:
         scope: dict[str, object] = {}
         compiled = compile(wrapped, f"<{parts[1]}>", "exec", flags, dont_inherit=True)
         exec(compiled, module.__dict__, scope)
-        setattr(owner, name, scope["__define"](owner))
-        return
+        method = scope["__define"](owner)
+        setattr(owner, name, method)
+        return method
     exec(compile(code, f"<{parts[1]}>", "exec", flags, dont_inherit=True), vars(module))
-    shell = _shell()
-    if shell is not None:
-        shell.user_ns[name] = module.__dict__[name]
+    return module.__dict__[name]
 
 
 def _shell():
