@@ -63,10 +63,11 @@ def _worker(rank, world_size, port, fn, args, timeout, edited, queue):
     )
     torch.set_num_threads(1)  # one core per process
     try:
-        from dlabc import book
+        if edited:  # the notebook's edited implementation cells
+            from dlabc import book
 
-        for line, cell in edited:  # the notebook's edited implementation cells
-            book.define(line, cell)
+            for line, cell in edited:
+                book.define(line, cell)
         name = backend(world_size)
         if name == "nccl":
             torch.cuda.set_device(rank)

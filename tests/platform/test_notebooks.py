@@ -92,11 +92,15 @@ def test_notebook_is_plain_jupyter(chapter):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=chapters.module_path)
-def test_the_editable_cells_define_what_the_package_has(chapter):
+def test_the_editable_cells_define_what_the_package_has(chapter, monkeypatch):
     """Each %%implementation cell, run as given, redefines its object with the same code
     (the same bytecode, constants and names), so the experiments below it compute the
     same numbers; the slow test below runs whole notebooks to prove it end to end."""
     from dlabc import book
+
+    # the cells run here are undone below: processes that later tests of this worker
+    # launch must not replay them
+    monkeypatch.setattr(book, "_EDITED", {})
 
     for obj in shown_code.shown_objects(chapter):
         module = sys.modules[obj.__module__]

@@ -1,1 +1,2 @@
-"""The Scaling part: data, sharded, tensor and pipeline parallelism on torch.distributed; memory and precision; scaling laws."""
+"""The Scaling part: parallel training on torch.distributed, memory and precision,
+scaling laws."""
