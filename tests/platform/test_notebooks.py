@@ -307,6 +307,10 @@ MEASURED = {
     "improvements/efficient_attention": r"_mb|growth|slope|dense_max|ratio|matrices",
     "cnn/convolution": r"_vs_",  # how many times faster one convolution is than another
     "improvements/gqa_kv_cache": r"growth",  # how a step's time grows with the length
+    "scaling/data_parallel": r"_ms|comm_share",  # a step's compute and communication
+    "scaling/zero_fsdp": r"^ms\d",  # milliseconds per step
+    # the measured pipeline bubbles, and the cores and load they were measured under
+    "scaling/model_parallel": r"^(cores|load|gpipe_\w+|ofob_\w+)$",
 }
 
 

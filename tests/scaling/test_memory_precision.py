@@ -69,7 +69,7 @@ def test_fp32_formula_equals_the_bytes_adam_holds():
         for k in ("exp_avg", "exp_avg_sq")
     )
     assert moments == 8 * n
-    assert measured["step_counters"] == 4 * len(list(model.parameters()))
+    assert measured["other_state"] == 4 * len(list(model.parameters()))
 
 
 def test_mixed_formula_equals_the_bytes_of_master_weight_training():

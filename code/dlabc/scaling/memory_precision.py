@@ -91,7 +91,8 @@ def activation_memory(
     $M_{\text{act}} = L\, s b h \left(34 + 5 \frac{a s}{h}\right)$
 
     for sequence length $s$, batch $b$, hidden size $h$, $a$ heads and $L$ layers; the
-    $5as/h$ term is the $s \times s$ attention scores, softmax and its dropout mask.
+    $5as/h$ term is, for every head, the $s \times s$ softmax output, its dropout mask
+    and the dropped-out probabilities that multiply $V$.
     With ``recompute=True`` (every layer checkpointed) only each layer's input stays:
     $2sbh$ bytes per layer.
     """
@@ -128,7 +129,8 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     (``numel * element_size``): the model's weights and gradients, the optimizer's
     parameters when they are other tensors than the model's (float32 master weights),
     and the optimizer's state (Adam's ``exp_avg`` and ``exp_avg_sq`` as
-    ``"adam_moments"``; its one-number step counters apart, as ``"step_counters"``)."""
+    ``"adam_moments"``; the rest of its state, such as Adam's one-number step
+    counters or SGD's momentum buffers, as ``"other_state"``)."""
     _check_model_optimizer(model, optimizer)
     params = list(model.parameters())
     own = {id(p) for p in params}
@@ -136,7 +138,10 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     master = [p for p in optimized if id(p) not in own]
     state = [t for s in optimizer.state.values() for t in s.values()]
     moments = [
-        s[key] for s in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")
+        s[key]
+        for s in optimizer.state.values()
+        for key in ("exp_avg", "exp_avg_sq")
+        if key in s
     ]
     return {
         "weights": _tensor_bytes(params),
@@ -146,7 +151,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
         "master_gradients": _tensor_bytes(
             [p.grad for p in master if p.grad is not None]
         ),
-        "step_counters": _tensor_bytes(state) - _tensor_bytes(moments),
+        "other_state": _tensor_bytes(state) - _tensor_bytes(moments),
     }
 
 
