@@ -87,8 +87,9 @@ def adam_update(
     same shape; ``t`` counts steps from 1.
 
     $m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t,\quad
-    v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2,\quad
-    w_t = w_{t-1} - \eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)$
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2,$
+
+    $w_t = w_{t-1} - \eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)$
 
     with $\hat m_t = m_t / (1 - \beta_1^t)$ and $\hat v_t = v_t / (1 - \beta_2^t)$.
     Every operation is element-wise: a rank can update any slice of the parameters
