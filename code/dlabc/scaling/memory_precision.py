@@ -284,7 +284,8 @@ def checkpoint_sequential(
 
     Memory: the input of every segment, plus the activations of one segment while it
     is recomputed in the backward pass. With $L$ layers in $k$ segments that is about
-    $k + L/k$ layer activations, least at $k = \sqrt L$: $2\sqrt L$ instead of $L$.
+    $k\,m_{in} + (L/k)\,m_{layer}$, least at $k = \sqrt{L m_{layer} / m_{in}}$: it grows
+    as $\sqrt L$ instead of $L$.
     ``keep_last=True`` runs the last segment normally, as
     ``torch.utils.checkpoint.checkpoint_sequential`` does.
     """
@@ -423,7 +424,7 @@ class DynamicLossScaler:
             if p.grad is not None
         ]
         for grad in grads:
-            grad.mul_(1.0 / self.loss_scale)  # exact: the scale is a power of two
+            grad.mul_(1.0 / self.loss_scale)  # exact when the scale is a power of two
         self.found_inf = not all(torch.isfinite(grad).all() for grad in grads)
         if not self.found_inf:
             optimizer.step()
@@ -476,5 +477,5 @@ def train_scaled(
         history["loss"].append(loss.item())
         scaler.scale(loss).backward()  # the gradients of S times the loss
         scaler.step(optimizer)  # unscale; skip the update if a gradient overflowed
-        scaler.update()  # halve S after an overflow, double it after N good steps
+        scaler.update()  # halve S after an overflow, double it after growth_interval good steps
     return history
