@@ -15,8 +15,8 @@ endif
 .PHONY: system book test colab lint notebooks timings claims chapter layout serve clean clean-all help
 
 help:
-	@echo "make book       build the site into _build/html (strict: any warning or failing cell fails it)"
-	@echo "make test       run the tests (unit tests, notebook checks, the site in Chromium), under 3 minutes"
+	@echo "make book       build the site into _build/html (strict: a warning, a failing cell or a page that fails in Chromium fails it)"
+	@echo "make test       run the tests (unit tests, notebook checks, the site's links, sidebar and search), under 3 minutes"
 	@echo "make colab      run every chapter's notebook like Colab: dlabc installed as a wheel, fresh kernels"
 	@echo "make lint       ruff: formatting and lint of code/, tests/, tools/ and the chapters' code cells"
 	@echo "make notebooks  regenerate the Colab notebooks book/**/*.ipynb from the chapters"
@@ -57,9 +57,12 @@ ifeq ($(FRESH),1)
 	rm -rf _build
 endif
 	$(JB) build . --warningiserror --keep-going --builder html
+	# every page opened in Chromium: math typeset, figures loaded, no JavaScript error, nothing
+	# too wide at 1280 or 390 px (pages unchanged since they last passed are not reopened)
+	$(PY) -m pytest -q -rfE -m pages tests/platform/test_site.py
 
 test: system $(READY)
-	$(PY) -m pytest -m "not slow" -n auto
+	$(PY) -m pytest -m "not slow and not pages" -n auto
 
 # Every chapter's notebook, executed top to bottom like Colab (two kernels at a time), in an
 # environment that has only what Colab has (torch, numpy, matplotlib and a kernel) before the

@@ -3,11 +3,18 @@
 Needs the site (`make book`) and Debian's Chromium (`apt-get install chromium`; `.ci/run`
 installs it). Where either is missing the tests are skipped with a loud reason locally, and
 fail under CI (CI=true), so that a green CI always means the pages were really looked at.
-Full-page screenshots land in ``_build/screenshots/`` for a person to look at.
+Screenshots of each page's top land in ``_build/screenshots/`` for a person to look at.
+
+Opening a page costs a second or two of both cores, so the tests that open every page are
+marked ``pages``: ``make book`` runs them right after building (the strict build fails on a
+page that fails them), and a page whose HTML and the site's scripts and styles are unchanged
+since it last passed is not opened again (``_build/pages-checked.json``; a fresh build, as
+in CI, checks them all). ``make test`` runs the rest: links, downloads, sidebar, search.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +28,7 @@ import layout
 
 SITE = layout.SITE
 SHOTS = chapters.ROOT / "_build" / "screenshots"
+CHECKED = chapters.ROOT / "_build" / "pages-checked.json"
 IN_CI = os.environ.get("CI") == "true"
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -63,32 +71,80 @@ def browser():
         browser.close()
 
 
-def _page_report(browser, url: str, screenshot: Path) -> dict:
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def _fingerprint(name: str) -> str:
+    """The page's HTML and everything under _static/ that every page loads."""
+    digest = hashlib.sha256((SITE / "book" / f"{name}.html").read_bytes())
+    for asset in sorted((SITE / "_static").rglob("*")):
+        if asset.suffix in (".js", ".css") and asset.is_file():
+            digest.update(asset.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def passed():
+    """Pages that passed, by fingerprint; a page whose fingerprint is there is skipped."""
+    record = json.loads(CHECKED.read_text()) if CHECKED.is_file() else {}
+
+    def check(name: str):
+        if not (SITE / "book" / f"{name}.html").is_file():
+            return lambda: None
+        fingerprint = _fingerprint(name)
+        if record.get(name) == fingerprint:
+            pytest.skip(f"{name}: unchanged since it passed (remove {CHECKED} to recheck)")
+
+        def done():
+            record[name] = fingerprint
+            CHECKED.write_text(json.dumps(record, indent=1, sort_keys=True))
+
+        return done
+
+    return check
+
+
+@pytest.fixture(scope="module")
+def tab(browser):
+    """One tab that visits every page in turn: the scripts, styles and fonts that all pages
+    share load once (the test server lets them be cached), which halves the test's time."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    yield context.new_page()
+    context.close()
+
+
+def _page_report(page, url: str, screenshot: Path) -> dict:
+    page.set_viewport_size({"width": 1280, "height": 900})
     errors, external = [], []
-    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    page.on(
-        "console",
-        lambda msg: (
+
+    def on_error(exc):
+        errors.append(f"page error: {exc}")
+
+    def on_console(msg):
+        if msg.type == "error":
             errors.append(f"console {msg.type}: {msg.text}")
-            if msg.type == "error"
-            else None
-        ),
-    )
-    page.on(
-        "response",
-        lambda r: (
-            errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None
-        ),
-    )
-    page.on(
-        "request",
-        lambda req: (
+
+    def on_response(r):
+        if r.status >= 400:
+            errors.append(f"HTTP {r.status}: {r.url}")
+
+    def on_request(req):
+        if urlparse(req.url).hostname not in ("127.0.0.1", None):
             external.append(req.url)
-            if urlparse(req.url).hostname not in ("127.0.0.1", None)
-            else None
-        ),
-    )
+
+    listeners = {
+        "pageerror": on_error,
+        "console": on_console,
+        "response": on_response,
+        "request": on_request,
+    }
+    for event, listener in listeners.items():
+        page.on(event, listener)
+    try:
+        return _looked_at(page, url, screenshot, errors, external)
+    finally:
+        for event, listener in listeners.items():
+            page.remove_listener(event, listener)
+
+
+def _looked_at(page, url, screenshot, errors, external) -> dict:
     response = page.goto(url, wait_until="load")
     assert response is not None and response.ok, (
         f"{url} answered {response and response.status}"
@@ -118,15 +174,16 @@ def _page_report(browser, url: str, screenshot: Path) -> dict:
     for width in layout.WIDTHS:
         page.set_viewport_size({"width": width, "height": 900})
         fit += layout.problems(page.evaluate(layout.MEASURE, width))
-    page.close()
     return {**report, "errors": errors, "external": external, "fit": fit}
 
 
+@pytest.mark.pages
 @pytest.mark.parametrize("chapter", chapters.chapters(), ids=chapters.module_path)
-def test_chapter_page_in_browser(browser, site_url, chapter):
+def test_chapter_page_in_browser(passed, tab, site_url, chapter):
     name = chapters.module_path(chapter)
+    done = passed(name)
     report = _page_report(
-        browser,
+        tab,
         f"{site_url}/book/{name}.html",
         SHOTS / f"{name.replace('/', '__')}.png",
     )
@@ -157,18 +214,22 @@ def test_chapter_page_in_browser(browser, site_url, chapter):
     assert notebook == chapter.with_suffix(".ipynb"), f"Colab link points at {path}"
     assert notebook.is_file(), f"Colab link points at a missing notebook {path}"
     assert json.loads(notebook.read_text())["cells"], "the Colab notebook is empty"
+    done()
 
 
 INTRODUCTIONS = [p for p in chapters.pages() if p not in chapters.chapters()]
 
 
+@pytest.mark.pages
 @pytest.mark.parametrize("page", INTRODUCTIONS, ids=chapters.module_path)
-def test_introduction_pages_in_browser(browser, site_url, page):
+def test_introduction_pages_in_browser(passed, tab, site_url, page):
     name = chapters.module_path(page)
+    done = passed(name)
     shot = SHOTS / f"{name.replace('/', '__')}.png"
-    report = _page_report(browser, f"{site_url}/book/{name}.html", shot)
+    report = _page_report(tab, f"{site_url}/book/{name}.html", shot)
     assert not report["errors"], "JavaScript errors:\n" + "\n".join(report["errors"])
     assert not report["fit"], "too wide for the page:\n" + "\n".join(report["fit"])
+    done()
 
 
 def test_the_sidebar_lists_every_chapter_once(browser, site_url):
@@ -198,12 +259,11 @@ def test_the_sidebar_lists_every_chapter_once(browser, site_url):
     )
 
 
-def test_home_page_in_browser(browser, site_url):
-    page = browser.new_page()
-    page.goto(f"{site_url}/index.html")
-    page.wait_for_url("**/book/intro.html", timeout=20000)  # the root redirects there
-    page.close()
-    report = _page_report(browser, f"{site_url}/book/intro.html", SHOTS / "index.png")
+@pytest.mark.pages
+def test_home_page_in_browser(tab, site_url):
+    tab.goto(f"{site_url}/index.html")
+    tab.wait_for_url("**/book/intro.html", timeout=20000)  # the root redirects there
+    report = _page_report(tab, f"{site_url}/book/intro.html", SHOTS / "index.png")
     assert "Deep Learning ABC" in report["text"]
     assert not report["errors"], "JavaScript errors:\n" + "\n".join(report["errors"])
     assert not report["external"], (
