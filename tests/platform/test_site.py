@@ -90,7 +90,9 @@ def passed():
             return lambda: None
         fingerprint = _fingerprint(name)
         if record.get(name) == fingerprint:
-            pytest.skip(f"{name}: unchanged since it passed (remove {CHECKED} to recheck)")
+            pytest.skip(
+                f"{name}: unchanged since it passed (remove {CHECKED} to recheck)"
+            )
 
         def done():
             record[name] = fingerprint
