@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import skimage.data
 import sklearn.datasets
+import torch
 
 import dlabc.data
 from dlabc.data import (
@@ -863,3 +864,139 @@ def test_load_number_words_is_reproducible_by_seed():
 def test_load_number_words_rejects_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         dlabc.data.load_number_words(**kwargs)
+
+
+# --- graphs -------------------------------------------------------------------------
+
+
+def test_karate_club_is_pygs_copy_of_zacharys_graph():
+    """networkx's edges (our source) equal PyG's independent copy of the data set."""
+    from torch_geometric.datasets import KarateClub
+
+    g = dlabc.data.load_karate_club()
+    reference = KarateClub()[0]
+    assert g.num_nodes == 34 and g.edge_index.shape == (2, 156)  # 78 edges, both ways
+
+    def edges(ei):
+        return set(map(tuple, ei.T.tolist()))
+
+    assert edges(g.edge_index) == edges(reference.edge_index)
+    assert torch.equal(g.x, torch.eye(34))
+    assert g.y[0] == 0 and g.y[33] == 1 and int(g.y.sum()) == 17  # 17 joined each side
+    assert g.train_mask.nonzero().flatten().tolist() == [0, 33]
+    assert torch.equal(g.test_mask, ~g.train_mask)
+    pyg = g.to_pyg()
+    assert torch.equal(pyg.edge_index, g.edge_index) and pyg.num_nodes == 34
+
+
+@pytest.mark.parametrize(
+    "classes, homophily, degree", [(2, 0.9, 8.0), (3, 0.2, 6.0), (4, 0.5, 10.0)]
+)
+def test_csbm_has_the_degree_homophily_and_features_asked_for(
+    classes, homophily, degree
+):
+    g = dlabc.data.make_csbm(
+        n_nodes=1200, n_classes=classes, n_features=8, degree=degree,
+        homophily=homophily, signal=3.0, seed=1,
+    )  # fmt: skip
+    src, dst = g.edge_index
+    n = g.num_nodes
+    # undirected, no self-loops, no repeated edge
+    assert (src != dst).all()
+    assert len(set(map(tuple, g.edge_index.T.tolist()))) == g.edge_index.shape[1]
+    assert torch.equal(torch.sort(src * n + dst)[0], torch.sort(dst * n + src)[0])
+    # the expected degree and share of same-class neighbours (≈ 7,000 edges: ± 3 %)
+    assert g.edge_index.shape[1] / n == pytest.approx(degree, rel=0.05)
+    same = (g.y[src] == g.y[dst]).double().mean()
+    assert same == pytest.approx(homophily, abs=0.03)
+    assert torch.bincount(g.y).tolist() == [n // classes] * classes
+    # class means lie `signal` apart along orthonormal directions
+    means = torch.stack([g.x[g.y == c].mean(0) for c in range(classes)])
+    gram = means @ means.T
+    assert torch.allclose(gram, 9.0 * torch.eye(classes), atol=1.0)
+    # masks split the nodes
+    masks = torch.stack([g.train_mask, g.val_mask, g.test_mask]).long()
+    assert (masks.sum(0) == 1).all()
+    assert masks.sum(1).tolist() == [120, 120, 960]
+
+
+def test_csbm_is_reproducible():
+    a, b = dlabc.data.make_csbm(seed=4), dlabc.data.make_csbm(seed=4)
+    c = dlabc.data.make_csbm(seed=5)
+    assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.x, b.x)
+    assert not torch.equal(a.y, c.y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_nodes": 3}, "n_nodes must be an int >= 4"),
+        ({"n_classes": 1}, "n_classes must be an int >= 2"),
+        ({"n_features": 2, "n_classes": 3}, r"n_features \(2\) must be >= n_classes"),
+        ({"homophily": 1.5}, r"homophily must be in \[0, 1\]"),
+        ({"degree": 0}, "degree must be > 0"),
+        ({"n_nodes": 20, "degree": 30.0}, "lower the degree"),
+        ({"split": (0.5, 0.5)}, "split must be two fractions"),
+    ],
+)
+def test_csbm_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dlabc.data.make_csbm(**kwargs)
+
+
+def _write_planetoid_stand_in(raw, n_train=20, n_other=580, n_test=100, classes=3):
+    """Files in the Planetoid format (the one Cora is published in) for a small
+    generated graph: pickled scipy matrices, one-hot labels, adjacency lists, and
+    the test indices."""
+    import pickle
+
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    n = n_train + n_other + n_test
+    features = (rng.random((n, 12)) < 0.2).astype(np.float32)
+    labels = np.eye(classes)[rng.integers(0, classes, n)]
+    graph = {i: sorted({(i + 1) % n, (i - 1) % n}) for i in range(n)}  # a ring
+    test = np.arange(n_train + n_other, n)
+    items = {
+        "x": sp.csr_matrix(features[:n_train]),
+        "allx": sp.csr_matrix(features[: n_train + n_other]),
+        "tx": sp.csr_matrix(features[test]),
+        "y": labels[:n_train],
+        "ally": labels[: n_train + n_other],
+        "ty": labels[test],
+        "graph": graph,
+    }
+    raw.mkdir(parents=True)
+    for name, value in items.items():
+        (raw / f"ind.cora.{name}").write_bytes(pickle.dumps(value))
+    (raw / "ind.cora.test.index").write_text("".join(f"{i}\n" for i in test))
+    return features, labels.argmax(1)
+
+
+def test_cora_loads_planetoid_files_from_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DLABC_DATA", str(tmp_path))
+    features, labels = _write_planetoid_stand_in(
+        tmp_path / "planetoid" / "Cora" / "raw"
+    )
+    g = dlabc.data.load_cora(download=False)
+    assert g.num_nodes == 700 and g.edge_index.shape == (2, 1400)
+    assert torch.equal(g.y, torch.from_numpy(labels))
+    rows = torch.from_numpy(features)
+    assert torch.allclose(g.x, rows / rows.sum(1, keepdim=True).clamp(min=1))
+    assert g.train_mask.sum() == 20 and g.val_mask.sum() == 500
+    assert g.test_mask.sum() == 100 and g.test_mask[600:].all()
+
+
+def test_cora_says_how_to_get_it_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLABC_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"load_cora\(download=True\)"):
+        dlabc.data.load_cora(download=False)
+    from torch_geometric.io import fs
+
+    def no_network(url, folder, *args, **kwargs):
+        raise OSError(f"no network to fetch {url}")
+
+    monkeypatch.setattr(fs, "cp", no_network)  # what Planetoid downloads with
+    with pytest.raises(FileNotFoundError, match="could not be downloaded: no network"):
+        dlabc.data.load_cora()

@@ -131,10 +131,10 @@ def test_image_grid_accepts_tensors():
         (
             [np.zeros((2, 2)), np.zeros((1, 2, 2))],
             {},
-            r"2-D images, got shapes \[\(1, 2, 2\)\]",
+            r"images, got shapes \[\(1, 2, 2\)\]",
         ),
-        ([np.zeros(4)], {}, r"2-D images, got shapes \[\(4,\)\]"),
-        ([torch.zeros(3, 2, 2)], {}, "2-D images"),
+        ([np.zeros(4)], {}, r"images, got shapes \[\(4,\)\]"),
+        ([torch.zeros(3, 2, 2)], {}, "2-D or \\(H, W, 3\\) images"),
         ([np.zeros((2, 2))] * 2, {"titles": ["a"]}, "1 titles for 2 images"),
         ([np.zeros((2, 2))], {"titles": ["a", "b"]}, "2 titles for 1 images"),
         ([np.zeros((2, 2))] * 3, {"ncols": 0}, "ncols must be a positive int, got 0"),
@@ -188,3 +188,12 @@ def test_confusion_matrix_rejects_bad_input(matrix, labels, match):
             plot.confusion_matrix(ax, matrix, labels)
     finally:
         plt.close(fig)
+
+
+def test_image_grid_shows_colour_frames_in_their_own_colours():
+    frame = np.zeros((6, 9, 3), dtype=np.uint8)
+    frame[..., 0] = 255  # red
+    fig = plot.image_grid([frame, frame], titles=["a", "b"])
+    shown = fig.axes[0].images[0].get_array()
+    assert shown.shape == (6, 9, 3) and (np.asarray(shown) == frame).all()
+    plt.close(fig)

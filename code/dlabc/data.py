@@ -1,14 +1,14 @@
 """Every data set the book uses, loaded in one place: chapters never read files by path.
 
-Each loader returns NumPy arrays and says exactly what to install when its source is
-missing; nothing is silently replaced by something else. A loader looks where a package
-put the data, then in the cache folder ``~/.cache/dlabc`` (or ``$DLABC_DATA``), and only
-then downloads from the official source into that folder (Colab, a reader's laptop, a
-Mac) with a progress line, and keeps the file only if its checksum is the published one;
-``download=False`` forbids it. The book's build and tests never download where the
-Debian packages are installed (``make`` installs them when it can, ``tools/system.sh``),
-and the tests that reach the download path replace the network.
-"""
+Each loader returns NumPy arrays (graphs: torch tensors in a :class:`Graph`) and says
+exactly what to install when its source is missing; nothing is silently replaced by
+something else. A loader looks where a package put the data, then in the cache folder
+``~/.cache/dlabc`` (or ``$DLABC_DATA``), and only then downloads from the official
+source into that folder (Colab, a reader's laptop, a Mac) with a progress line, and
+keeps the file only if its checksum is the published one; ``download=False`` forbids it.
+The book's build and tests never download where the Debian packages are installed
+(``make`` installs them when it can, ``tools/system.sh``), and the tests that reach the
+download path replace the network."""
 
 from __future__ import annotations
 
@@ -18,12 +18,18 @@ import os
 import sys
 import urllib.request
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "Graph",
+    "load_cora",
+    "load_karate_club",
+    "make_csbm",
     "load_digits",
     "load_fashion_mnist",
     "load_image",
@@ -532,3 +538,191 @@ def shakespeare_split(text: str) -> int:
             "text has no Romeo and Juliet prologue: pass the text of load_shakespeare()"
         )
     return split
+
+
+# --- Graphs (the Graphs part) -------------------------------------------------------
+# Graphs are torch tensors from the start: an edge list is an index, not a matrix.
+
+
+@dataclass
+class Graph:
+    """A graph with node features and labels, in plain tensors (no PyG types).
+
+    ``edge_index`` holds each undirected edge in both directions and no self-loops:
+    column ``e`` is the message's source ``edge_index[0, e]`` and its target
+    ``edge_index[1, e]``. The masks split the nodes into training, validation and test.
+    """
+
+    x: torch.Tensor  # (N, F) float32 node features
+    edge_index: torch.Tensor  # (2, E) int64
+    y: torch.Tensor  # (N,) int64 labels
+    train_mask: torch.Tensor | None = None  # (N,) bool
+    val_mask: torch.Tensor | None = None
+    test_mask: torch.Tensor | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max()) + 1
+
+    def to(self, device) -> Graph:
+        move = {
+            k: v.to(device) if v is not None else None for k, v in vars(self).items()
+        }
+        return Graph(**move)
+
+    def to_pyg(self):
+        """The same graph as a ``torch_geometric.data.Data`` (for the references)."""
+        from torch_geometric.data import Data
+
+        masks = {
+            k: v
+            for k in ("train_mask", "val_mask", "test_mask")
+            if (v := getattr(self, k)) is not None
+        }
+        return Data(x=self.x, edge_index=self.edge_index, y=self.y, **masks)
+
+
+def _undirected(pairs: torch.Tensor, n: int) -> torch.Tensor:
+    """Edges ``(i, j)`` with ``i < j``, shape (M, 2), as a sorted (2, 2M) edge_index."""
+    both = torch.cat([pairs, pairs.flip(1)]).T  # (2, 2M)
+    order = torch.argsort(both[0] * n + both[1])
+    return both[:, order].contiguous()
+
+
+def load_karate_club() -> Graph:
+    """Zachary's karate club (networkx's copy): 34 members, 78 friendships.
+
+    The club split in two after a conflict between its instructor, Mr. Hi (node 0), and
+    its president, the Officer (node 33). ``y`` is the side each member joined (0: Mr.
+    Hi, 1: Officer); ``x`` is the identity (each node its own one-hot feature), and only
+    the two leaders are labelled for training (``train_mask``); the other 32 are the
+    test set.
+    """
+    try:
+        import networkx as nx
+    except ImportError as err:  # pragma: no cover - networkx comes with scikit-image
+        raise ImportError(
+            "load_karate_club needs networkx: pip install networkx"
+        ) from err
+    g = nx.karate_club_graph()
+    n = g.number_of_nodes()
+    pairs = torch.tensor(sorted((min(u, v), max(u, v)) for u, v in g.edges()))
+    y = torch.tensor([g.nodes[i]["club"] != "Mr. Hi" for i in range(n)]).long()
+    train = torch.zeros(n, dtype=torch.bool)
+    train[[0, n - 1]] = True
+    return Graph(
+        x=torch.eye(n),
+        edge_index=_undirected(pairs, n),
+        y=y,
+        train_mask=train,
+        test_mask=~train,
+    )
+
+
+def make_csbm(
+    n_nodes: int = 1000,
+    n_classes: int = 2,
+    n_features: int = 16,
+    degree: float = 8.0,
+    homophily: float = 0.9,
+    signal: float = 1.0,
+    seed: int = 0,
+    split: tuple[float, float] = (0.1, 0.1),
+) -> Graph:
+    """A contextual stochastic block model: communities in the edges and the features.
+
+    ``n_nodes`` nodes in ``n_classes`` classes of equal size. Two nodes are linked with
+    probability ``p_in`` when they share a class and ``p_out`` otherwise, chosen so that
+    a node has ``degree`` neighbours on average, a share ``homophily`` of them in its
+    own class (``homophily`` below ``1 / n_classes`` makes neighbours mostly of other
+    classes: heterophily). Features are ``x = signal * mu[y] + noise``, with orthonormal
+    class directions ``mu`` and standard normal noise, so ``signal`` sets how much a
+    node's own features tell. Random masks: ``split`` gives the training and validation
+    fractions, the rest is the test set. The same ``seed`` gives the same graph.
+    """
+    for name, value, low in (
+        ("n_nodes", n_nodes, 4),
+        ("n_classes", n_classes, 2),
+        ("n_features", n_features, 1),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if n_features < n_classes:
+        raise ValueError(
+            f"n_features ({n_features}) must be >= n_classes ({n_classes}): each class "
+            "has its own feature direction"
+        )
+    per_class = n_nodes // n_classes
+    if per_class < 2:
+        raise ValueError(f"n_nodes ({n_nodes}) gives fewer than 2 nodes per class")
+    if not 0 <= homophily <= 1:
+        raise ValueError(f"homophily must be in [0, 1], got {homophily}")
+    if not 0 < degree:
+        raise ValueError(f"degree must be > 0, got {degree}")
+    if len(split) != 2 or min(split) < 0 or sum(split) >= 1:
+        raise ValueError(f"split must be two fractions summing to < 1, got {split}")
+    p_in = degree * homophily / (per_class - 1)
+    p_out = degree * (1 - homophily) / (per_class * (n_classes - 1))
+    if max(p_in, p_out) > 1:
+        raise ValueError(
+            f"degree {degree} with homophily {homophily} needs link probabilities "
+            f"above 1 (p_in={p_in:.2f}, p_out={p_out:.2f}): lower the degree"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    n = per_class * n_classes
+    y = torch.arange(n) % n_classes
+    y = y[torch.randperm(n, generator=gen)]
+    i, j = torch.triu_indices(n, n, offset=1)  # every pair once
+    p = torch.where(y[i] == y[j], p_in, p_out)
+    linked = torch.rand(len(p), generator=gen) < p
+    edge_index = _undirected(torch.stack([i[linked], j[linked]], dim=1), n)
+    mu, _ = torch.linalg.qr(torch.randn(n_features, n_classes, generator=gen))
+    x = signal * mu.T[y] + torch.randn(n, n_features, generator=gen)  # (N, F)
+    order = torch.randperm(n, generator=gen)
+    n_train, n_val = round(split[0] * n), round(split[1] * n)
+    masks = torch.zeros(3, n, dtype=torch.bool)
+    masks[0, order[:n_train]] = True
+    masks[1, order[n_train : n_train + n_val]] = True
+    masks[2, order[n_train + n_val :]] = True
+    return Graph(x, edge_index, y, *masks)
+
+
+def load_cora(download: bool = True) -> Graph:
+    """Cora: 2,708 machine-learning papers, 5,429 citations, 7 topics (Planetoid split).
+
+    The citation graph of Kipf and Welling's GCN paper, with its public split (140
+    training, 500 validation, 1,000 test nodes) and bag-of-words features (1,433 words,
+    row-normalised as in the paper). Read by PyTorch Geometric's ``Planetoid`` from the
+    cache folder (``~/.cache/dlabc/planetoid`` or ``$DLABC_DATA/planetoid``), where it
+    is downloaded once, from the Planetoid repository, if ``download`` and a network is
+    there. No package ships it, so the book's build never calls this.
+    """
+    try:
+        from torch_geometric.datasets import Planetoid
+    except ImportError as err:
+        raise ImportError(
+            "load_cora needs PyTorch Geometric: pip install torch-geometric"
+        ) from err
+    root = _cache_dir() / "planetoid"
+    raw = root / "Cora" / "raw"
+    names = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
+    if not download and not all((raw / f"ind.cora.{k}").exists() for k in names):
+        raise FileNotFoundError(
+            f"Cora is not on this machine (looked in {raw}): call load_cora(download=True) "
+            "where a network is available"
+        )
+    try:
+        data = Planetoid(str(root), "Cora")[0]
+    except OSError as err:  # no network: urllib's URLError is an OSError
+        raise FileNotFoundError(
+            f"Cora is not on this machine ({raw}) and could not be downloaded: {err}"
+        ) from err
+    x = data.x / data.x.sum(1, keepdim=True).clamp(min=1)  # each row sums to 1
+    return Graph(
+        x, data.edge_index, data.y, data.train_mask, data.val_mask, data.test_mask
+    )

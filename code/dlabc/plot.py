@@ -79,10 +79,11 @@ def image_grid(
     cmap: str = "gray",
     symmetric: bool = False,
 ) -> plt.Figure:
-    """Show 2-D images (feature maps, kernels, digits) side by side, without axes.
+    """Show images (feature maps, kernels, digits, frames) side by side, without axes.
 
-    Each image gets its own colour scale; with ``symmetric`` it is centred on zero (the
+    A 2-D image gets its own colour scale; with ``symmetric`` it is centred on zero (the
     ``RdBu_r`` map suits kernels and signed feature maps: red positive, blue negative).
+    An ``(H, W, 3)`` image (e.g. a frame of an environment) is shown in its own colours.
     """
     if len(images) == 0:
         raise ValueError("image_grid needs at least one image")
@@ -92,9 +93,9 @@ def image_grid(
         else np.asarray(im)
         for im in images
     ]
-    bad = [a.shape for a in arrays if a.ndim != 2]
+    bad = [a.shape for a in arrays if a.ndim != 2 and a.shape[2:] != (3,)]
     if bad:
-        raise ValueError(f"image_grid expects 2-D images, got shapes {bad}")
+        raise ValueError(f"image_grid expects 2-D or (H, W, 3) images, got shapes {bad}")
     if titles is not None and len(titles) != len(arrays):
         raise ValueError(f"{len(titles)} titles for {len(arrays)} images")
     if ncols is not None and (
@@ -114,13 +115,16 @@ def image_grid(
         ax.axis("off")
         if k >= len(arrays):
             continue
-        limit = float(np.abs(arrays[k]).max()) or 1.0
-        ax.imshow(
-            arrays[k],
-            cmap=cmap,
-            vmin=-limit if symmetric else None,
-            vmax=limit if symmetric else None,
-        )
+        if arrays[k].ndim == 3:  # colours of its own
+            ax.imshow(arrays[k])
+        else:
+            limit = float(np.abs(arrays[k]).max()) or 1.0
+            ax.imshow(
+                arrays[k],
+                cmap=cmap,
+                vmin=-limit if symmetric else None,
+                vmax=limit if symmetric else None,
+            )
         if titles is not None:
             ax.set_title(titles[k], fontsize=9)
     fig.tight_layout()
