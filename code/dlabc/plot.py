@@ -95,7 +95,9 @@ def image_grid(
     ]
     bad = [a.shape for a in arrays if a.ndim != 2 and a.shape[2:] != (3,)]
     if bad:
-        raise ValueError(f"image_grid expects 2-D or (H, W, 3) images, got shapes {bad}")
+        raise ValueError(
+            f"image_grid expects 2-D or (H, W, 3) images, got shapes {bad}"
+        )
     if titles is not None and len(titles) != len(arrays):
         raise ValueError(f"{len(titles)} titles for {len(arrays)} images")
     if ncols is not None and (

@@ -79,7 +79,7 @@ def propagate(
     """
     _check_graph(x, edge_index, edge_weight)
     source, target = edge_index  # edge e goes from node source[e] to node target[e]
-    messages = x[source]  # (E, ...): the message of every edge is its source's features
+    messages = x.index_select(0, source)  # (E, ...): each edge carries its source's x
     if edge_weight is not None:
         messages = edge_weight.view(-1, *[1] * (x.dim() - 1)) * messages
     return scatter_sum(messages, target, x.shape[0])  # (N, ...): summed at the targets
@@ -159,8 +159,8 @@ class GCNConv(nn.Module):
 
     $H' = \hat A\, H W + \mathbf{b},$
 
-    a linear map of every node's features followed by a weighted average over the node
-    and its neighbours. The parameter names (``lin.weight``, ``bias``) are PyTorch
+    a linear map of every node's features followed by a degree-normalised sum over the
+    node and its neighbours. The parameter names (``lin.weight``, ``bias``) are PyTorch
     Geometric's, so its ``GCNConv`` state dict loads as it is.
     """
 

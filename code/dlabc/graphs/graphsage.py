@@ -156,7 +156,8 @@ class GraphSAGE(nn.Module):
         (batch size, C), the outputs of the last block's targets."""
         _check_blocks(blocks, len(self.convs))
         for layer, (conv, block) in enumerate(zip(self.convs, blocks, strict=True)):
-            x = self._activate(conv(x, block.edge_index, block.num_targets), layer)
+            edge_index = block.edge_index.to(x.device)  # the sampler works on the CPU
+            x = self._activate(conv(x, edge_index, block.num_targets), layer)
         return x
 
 
@@ -184,9 +185,10 @@ class Block:
 
 
 class NeighborSampler:
-    """GraphSAGE's mini-batches (Algorithm 2): from a batch of target nodes, sample
-    ``fanouts[k]`` neighbours of every node that layer ``k`` computes, from the last
-    layer back to the first; ``None`` takes every neighbour.
+    r"""GraphSAGE's mini-batches (Algorithm 2): from a batch of target nodes, sample
+    up to $s_k$ neighbours of every node that layer $k$ computes, from the last layer
+    back to the first. ``fanouts`` lists $[s_1, \dots, s_K]$, the first layer's first;
+    ``None`` takes every neighbour.
 
     Called with a batch of node ids, it returns one :class:`Block` per layer, first
     layer first, for :meth:`GraphSAGE.forward_blocks`.
@@ -334,21 +336,21 @@ def train_epoch(
     sampled blocks only.
     """
     train_nodes = graph.train_mask.nonzero().squeeze(1)  # (N_train,)
-    model.train()
-    if sampler is None:
-        batches = [(None, train_nodes)]
-    else:
+    if sampler is None:  # one step on the whole graph
+        batches = [train_nodes]
+    else:  # the training nodes in a random order, cut into batches
         order = torch.randperm(len(train_nodes), generator=generator)
-        batches = [
-            (sampler(train_nodes[b]), train_nodes[b]) for b in order.split(batch_size)
-        ]
+        batches = train_nodes[order.to(train_nodes.device)].split(batch_size)
+    model.train()
     messages = 0
-    for blocks, targets in batches:
-        if blocks is None:  # full batch
+    for targets in batches:
+        if sampler is None:  # every node, every edge, every layer
             logits = model(graph.x, graph.edge_index)[targets]  # (B, C)
             messages += len(model.convs) * graph.edge_index.shape[1]
-        else:
-            logits = model.forward_blocks(graph.x[blocks[0].nodes], blocks)  # (B, C)
+        else:  # only the targets, from their sampled neighbourhoods
+            blocks = sampler(targets)
+            inputs = blocks[0].nodes.to(graph.x.device)  # (N_in,) global ids
+            logits = model.forward_blocks(graph.x[inputs], blocks)  # (B, C)
             messages += minibatch_cost(blocks)["edges"]
         loss = F.cross_entropy(logits, graph.y[targets])
         optimizer.zero_grad()

@@ -9,7 +9,8 @@ References:
   Learning: An Introduction*, chapters 3-4 (MDPs, the Bellman equations, value
   iteration: :func:`value_iteration`, :func:`policy_evaluation`).
 - Russell & Norvig (2020), *Artificial Intelligence: A Modern Approach*, chapter 17
-  (the 4 x 3 world with slippery moves: :func:`gridworld`).
+  (the 4 x 3 world with slippery moves; :func:`gridworld` builds a variant with a
+  discount and a step cost on every move).
 - Watkins & Dayan (1992), *Q-learning* (the sampled Bellman optimality backup).
 - Lin (1992), *Self-improving reactive agents based on reinforcement learning, planning
   and teaching* (experience replay: :class:`ReplayBuffer`).
@@ -103,8 +104,10 @@ def gridworld(
 
     A move goes the intended way with probability ``1 - slip`` and to either side with
     ``slip / 2`` each; a move into a wall or off the grid stays put. Every move costs
-    ``step_reward``; entering ``+`` adds 1, entering ``-`` adds -1, and both end the
-    episode. Returned in float64, so that the checks can compare to 1e-12.
+    ``step_reward``, the last one into a terminal cell included; entering ``+`` adds 1,
+    entering ``-`` adds -1, and both end the episode. Unlike Russell & Norvig's
+    original, which is undiscounted, values are discounted by ``gamma``. Returned in
+    float64, so that the checks can compare to 1e-12.
     """
     check_number(slip, "slip", low=0, high=1)
     check_number(step_reward, "step_reward")
@@ -172,7 +175,7 @@ def _value_iteration(mdp: MDP, tol: float, max_iter: int) -> tuple[Tensor, list[
 
 
 def greedy_policy(mdp: MDP, V: Tensor) -> Tensor:
-    """The action that is best one step ahead of ``V`` in every state, shape ``(S,)``."""
+    """The action that is best one step ahead of ``V`` in every state, ``(S,)``."""
     return bellman_backup(mdp, V).argmax(dim=1)
 
 
@@ -243,7 +246,7 @@ class DuelingQNetwork(nn.Module):
     def forward(self, s: Tensor) -> Tensor:
         h = self.trunk(s)  # (B, hidden)
         V, A = self.value(h), self.advantage(h)  # (B, 1), (B, n_actions)
-        return V + A - A.mean(dim=1, keepdim=True)  # (B, n_actions)
+        return V + A - A.mean(dim=-1, keepdim=True)  # (B, n_actions)
 
 
 # ---------------------------------------------------------------------------------
@@ -317,7 +320,6 @@ class ReplayBuffer:
 # ---------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def td_target(
     batch: Transitions,
     q_target: nn.Module,
@@ -332,11 +334,12 @@ def td_target(
     the online network choose, $a^\star = \arg\max_a Q_\theta(s', a)$, and the target
     network evaluate.
     """
-    next_q = q_target(batch.next_obs)  # (B, A)
-    chooser = next_q if q_online is None else q_online(batch.next_obs)  # (B, A)
-    a_star = chooser.argmax(dim=1, keepdim=True)  # (B, 1)
-    next_value = next_q.gather(1, a_star).squeeze(1)  # (B,)
-    return batch.rewards + gamma * (1 - batch.terminated) * next_value
+    with torch.no_grad():  # y is a constant for the loss
+        next_q = q_target(batch.next_obs)  # (B, A)
+        chooser = next_q if q_online is None else q_online(batch.next_obs)  # (B, A)
+        a_star = chooser.argmax(dim=1, keepdim=True)  # (B, 1)
+        next_value = next_q.gather(1, a_star).squeeze(1)  # (B,)
+        return batch.rewards + gamma * (1 - batch.terminated) * next_value
 
 
 def huber(error: Tensor) -> Tensor:
@@ -373,7 +376,8 @@ class DQNConfig:
     to ``eps_end`` over the first ``eps_fraction`` of the steps. The online network
     takes one gradient step every ``train_every`` environment steps once
     ``learning_starts`` transitions are stored; the target network copies it every
-    ``target_every`` environment steps.
+    ``target_every`` environment steps (as stable-baselines3 counts; Mnih et al. count
+    gradient steps).
     """
 
     steps: int = 20_000
@@ -457,7 +461,7 @@ def train_dqn(env: gym.Env, config: DQNConfig | None = None, seed: int = 0) -> D
     q_online = make(n_obs, n_actions, config.hidden)
     q_target = make(n_obs, n_actions, config.hidden)
     q_target.load_state_dict(q_online.state_dict())
-    optimizer = torch.optim.Adam(q_online.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(q_online.parameters(), lr=config.lr, fused=True)
     buffer = ReplayBuffer(config.buffer_size, n_obs)
     rng = np.random.default_rng(seed)
     return _train(env, config, q_online, q_target, optimizer, buffer, rng, seed)

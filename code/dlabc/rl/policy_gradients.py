@@ -1,5 +1,5 @@
-"""Policy gradients and PPO: REINFORCE with a baseline, generalized advantage
-estimation, and the clipped surrogate objective of proximal policy optimization.
+"""Policy gradients and PPO: REINFORCE with a baseline, generalised advantage
+estimation, and the clipped surrogate objective of proximal policy optimisation.
 
 Chapter: ``book/rl/policy_gradients.md``.
 
@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ __all__ = [
     "gae",
     "ppo_loss",
     "Rollout",
+    "Runner",
     "collect",
     "PPOConfig",
     "train_ppo",
@@ -70,7 +72,7 @@ class ActorCritic(nn.Module):
             )
 
         self.actor, self.critic = mlp(n_actions), mlp(1)
-        # small last layers: a near-uniform first policy, a near-zero first value
+        # the actor's last layer is small, so the first policy is near-uniform
         for last, gain in ((self.actor[-1], 0.01), (self.critic[-1], 1.0)):
             nn.init.orthogonal_(last.weight, gain)
             nn.init.zeros_(last.bias)
@@ -129,7 +131,7 @@ def reinforce_loss(
 
 
 # ---------------------------------------------------------------------------------
-# 3. Generalized advantage estimation
+# 3. Generalised advantage estimation
 # ---------------------------------------------------------------------------------
 
 
@@ -141,13 +143,15 @@ def gae(
     gamma: float = 0.99,
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Generalized advantage estimates and the critic's targets for a rollout of T
+    r"""Generalised advantage estimates and the critic's targets for a rollout of T
     steps of N environments.
 
     ``rewards``, ``values`` (the critic's $V(s_t)$) and ``dones`` (true when the
-    episode *terminated* after step $t$) have shape (T, N); ``last_value`` (N,) is
-    $V(s_T)$ of the state after the rollout. Returns the advantages $\hat A_t$ and the
-    returns $\hat A_t + V(s_t)$, both (T, N).
+    episode ended after step $t$: nothing is bootstrapped past it) have shape (T, N);
+    ``last_value`` (N,) is $V(s_T)$ of the state after the rollout. Where a time limit
+    cut an episode, :class:`Runner` marks the step done too, after adding
+    $\gamma V(s')$ of the state it stopped in to its reward. Returns the advantages
+    $\hat A_t$ and the returns $\hat A_t + V(s_t)$, both (T, N).
     """
     check_tensor(rewards, "rewards", ndim=2, floating=True)
     for name, x in (("values", values), ("dones", dones)):
@@ -208,9 +212,12 @@ def ppo_loss(
     ``vf_coef`` times the critic's squared error, minus ``ent_coef`` times the mean
     entropy of the policy. Returns the loss and its parts (as numbers, for logging).
 
-    $L = -\mathbb E_t\big[\min(\rho_t \hat A_t,\ \operatorname{clip}(\rho_t, 1-\epsilon,
-    1+\epsilon)\,\hat A_t)\big] + c_v\,\mathbb E_t\big[(V(s_t) - \hat R_t)^2\big]
-    - c_e\,\mathbb E_t\big[H(\pi(\cdot \mid s_t))\big]$
+    $\begin{aligned}
+    L = &-\mathbb E_t\big[\min(\rho_t \hat A_t,\ \operatorname{clip}(\rho_t, 1-\epsilon,
+    1+\epsilon)\,\hat A_t)\big] \\
+    &+ c_v\,\mathbb E_t\big[(V(s_t) - \hat R_t)^2\big]
+    - c_e\,\mathbb E_t\big[H(\pi(\cdot \mid s_t))\big]
+    \end{aligned}$
     """
     rho = torch.exp(log_prob - old_log_prob)  # π_θ(a|s) / π_θold(a|s)
     surrogate = torch.min(rho * A, torch.clamp(rho, 1 - clip, 1 + clip) * A)
@@ -241,61 +248,66 @@ class Rollout:
     a: torch.Tensor  # actions a_t, (T, N)
     log_prob: torch.Tensor  # log π_θold(a_t | s_t), (T, N)
     r: torch.Tensor  # rewards r_t (+ γ V(s_T) where a time limit cut the episode)
-    done: torch.Tensor  # the episode terminated or was cut after step t, (T, N)
+    done: torch.Tensor  # the episode ended (terminated, or was cut) after step t
     v: torch.Tensor  # V(s_t), (T, N)
     last_v: torch.Tensor  # V(s_T) of the state after the rollout, (N,)
     episode_returns: list[float] = field(default_factory=list)
 
 
-class _Runner:
-    """N environments, each reset by hand when its episode ends, and the returns of
-    the episodes that have ended."""
+class Runner:
+    """N environments that are reset by hand when an episode ends, their current
+    states ``s`` (N, obs_dim), and the returns of the episodes that ended."""
 
     def __init__(self, make_env: Callable[[int], gym.Env], n_envs: int, seed: int):
         self.envs = [make_env(seed + i) for i in range(n_envs)]
-        self.s = np.stack(
-            [env.reset(seed=seed + i)[0] for i, env in enumerate(self.envs)]
-        )
-        self.running = np.zeros(n_envs)
+        self.s = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(self.envs)])
+        self.running = np.zeros(n_envs)  # the return of each episode so far
+        self.finished: list[float] = []
 
+    def step(
+        self, actions: list[int], agent: ActorCritic, gamma: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of every environment; returns the rewards and episode ends (N,).
 
-@torch.no_grad()
-def collect(agent: ActorCritic, runner: _Runner, T: int, gamma: float) -> Rollout:
-    """Run the policy for T steps in every environment of ``runner``.
-
-    Where a time limit cuts an episode (truncation, not a true end), the reward of the
-    last step gets $\\gamma V(s_{T})$ of the state it stopped in, the value the episode
-    would have gone on to collect; then the step is treated as the episode's end.
-    """
-    N = len(runner.envs)
-    s, a, lp, r, done, v = [], [], [], [], [], []
-    finished = []
-    for _ in range(T):
-        s_t = torch.tensor(runner.s, dtype=torch.float32)  # a copy, (N, obs_dim)
-        pi = agent.policy(s_t)
-        a_t = pi.sample()  # (N,)
-        s.append(s_t), a.append(a_t), lp.append(pi.log_prob(a_t))
-        v.append(agent.value(s_t))
-        r_t, done_t = np.zeros(N, dtype=np.float32), np.zeros(N, dtype=bool)
-        for i, env in enumerate(runner.envs):
-            s_next, reward, terminated, truncated, _ = env.step(int(a_t[i]))
-            runner.running[i] += reward
-            r_t[i] = reward
-            if truncated and not terminated:  # bootstrap the cut-off future
-                s_cut = torch.as_tensor(s_next, dtype=torch.float32)
-                r_t[i] += gamma * agent.value(s_cut[None]).item()
+        Where a time limit cuts an episode (a truncation, not a true end), the reward
+        gets $\\gamma V(s')$ of the state it stopped in, the value the episode would
+        have gone on to collect; the step then counts as the episode's end.
+        """
+        r = np.zeros(len(self.envs), dtype=np.float32)
+        done = np.zeros(len(self.envs), dtype=bool)
+        for i, (env, action) in enumerate(zip(self.envs, actions, strict=True)):
+            s_next, r[i], terminated, truncated, _ = env.step(action)
+            self.running[i] += r[i]
+            if truncated and not terminated:  # bootstrap the future the limit cut off
+                s_cut = torch.as_tensor(s_next, dtype=torch.float32)[None]
+                r[i] += gamma * agent.value(s_cut).item()
             if terminated or truncated:
-                finished.append(runner.running[i])
-                runner.running[i] = 0.0
+                self.finished.append(float(self.running[i]))
+                self.running[i] = 0.0
                 s_next, _ = env.reset()
-            done_t[i] = terminated or truncated
-            runner.s[i] = s_next
-        r.append(torch.as_tensor(r_t)), done.append(torch.as_tensor(done_t))
-    last_v = agent.value(torch.as_tensor(runner.s, dtype=torch.float32))
-    stack = torch.stack
-    return Rollout(
-        stack(s), stack(a), stack(lp), stack(r), stack(done), stack(v), last_v, finished
-    )
+            done[i] = terminated or truncated
+            self.s[i] = s_next
+        return torch.as_tensor(r), torch.as_tensor(done)
+
+    def take_finished(self) -> list[float]:
+        """The returns of the episodes that ended since the last call."""
+        finished, self.finished = self.finished, []
+        return finished
+
+
+def collect(agent: ActorCritic, runner: Runner, T: int, gamma: float) -> Rollout:
+    """Run the policy for T steps in every environment of ``runner``."""
+    steps = []
+    with torch.no_grad():  # acting needs no gradients
+        for _ in range(T):
+            s_t = torch.tensor(runner.s, dtype=torch.float32)  # a copy, (N, obs_dim)
+            pi = agent.policy(s_t)
+            a_t = pi.sample()  # (N,)
+            r_t, done_t = runner.step(a_t.tolist(), agent, gamma)  # (N,), (N,)
+            steps.append((s_t, a_t, pi.log_prob(a_t), r_t, done_t, agent.value(s_t)))
+        last_v = agent.value(torch.as_tensor(runner.s, dtype=torch.float32))  # V(s_T)
+    s, a, log_prob, r, done, v = (torch.stack(x) for x in zip(*steps, strict=True))
+    return Rollout(s, a, log_prob, r, done, v, last_v, runner.take_finished())
 
 
 @dataclass
@@ -303,15 +315,15 @@ class PPOConfig:
     """PPO's settings; the defaults train CartPole in tens of thousands of steps."""
 
     n_envs: int = 8  # N environments stepped together
-    T: int = 64  # steps per environment in each rollout
-    epochs: int = 10  # passes over each rollout
-    minibatch: int = 128  # transitions per gradient step
-    lr: float = 1e-3  # Adam's learning rate, annealed linearly to 0
-    gamma: float = 0.99
-    lam: float = 0.95  # GAE's λ
+    T: int = 32  # steps per environment in each rollout
+    epochs: int = 8  # passes over each rollout
+    minibatch: int = 256  # transitions per gradient step
+    lr: float = 2e-3  # Adam's learning rate, annealed linearly to 0
+    gamma: float = 0.98
+    lam: float = 0.8  # GAE's λ
     clip: float = 0.2  # ε of the clipped objective
     vf_coef: float = 0.5
-    ent_coef: float = 0.0
+    ent_coef: float = 0.01
     max_grad_norm: float = 0.5
     hidden: int = 64
 
@@ -339,14 +351,16 @@ def _check_training(make_env: object, total_steps: object, config: object) -> PP
 
 def _setup(make_env, config, seed):
     torch.manual_seed(seed)
-    runner = _Runner(make_env, config.n_envs, seed)
+    runner = Runner(make_env, config.n_envs, seed)
     env = runner.envs[0]
     if not isinstance(env.action_space, gym.spaces.Discrete):
         raise ValueError("make_env must build environments with discrete actions")
     agent = ActorCritic(
         env.observation_space.shape[0], int(env.action_space.n), config.hidden
     )
-    optimizer = torch.optim.Adam(agent.parameters(), lr=config.lr, eps=1e-5)
+    optimizer = torch.optim.Adam(
+        agent.parameters(), lr=config.lr, eps=1e-5, foreach=True
+    )
     return runner, agent, optimizer
 
 
@@ -356,52 +370,54 @@ def train_ppo(
     config: PPOConfig | None = None,
     seed: int = 0,
     target: float | None = None,
+    window: int = 10,
 ) -> tuple[ActorCritic, dict[str, list[float]]]:
     """Train an :class:`ActorCritic` with PPO for ``total_steps`` environment steps
-    (``make_env(seed)`` builds one environment); stop early once the last 20 finished
-    episodes average at least ``target``. Returns the agent and its history: per
-    update, the environment steps so far, the mean return of the episodes that ended
-    in it, and the loss's parts."""
+    (``make_env(seed)`` builds one environment); stop early once the last ``window``
+    finished episodes average at least ``target``. Returns the agent and its history:
+    per rollout, the environment steps collected so far, the mean return of the
+    episodes that ended in it, and the parts of the loss of the update on it."""
     config = _check_training(make_env, total_steps, config)
+    check_positive_int(window, "window")
     runner, agent, optimizer = _setup(make_env, config, seed)
     generator = torch.Generator().manual_seed(seed)
-    return agent, _ppo_loop(
-        agent, optimizer, runner, total_steps, config, generator, target
+    history = _ppo_loop(
+        agent, optimizer, runner, total_steps, config, generator, target, window
     )
+    return agent, history
 
 
-def _ppo_loop(agent, optimizer, runner, total_steps, config, generator, target):
-    c = config
+def _ppo_loop(agent, optimizer, runner, total_steps, c, generator, target, window):
+    """PPO's outer loop: collect a rollout, update on it, until the budget is spent
+    or the last ``window`` episodes reach ``target``; the agent ends with the weights
+    it had when the mean return of the last ``window`` episodes was at its best."""
     history: dict[str, list[float]] = {"steps": [], "return": [], "episodes": []}
     updates = max(1, total_steps // (c.n_envs * c.T))
+    best, best_weights = -np.inf, copy.deepcopy(agent.state_dict())
     for k in range(updates):
         for group in optimizer.param_groups:  # linear annealing of the step size
             group["lr"] = c.lr * (1 - k / updates)
-        parts = _ppo_update(
-            agent,
-            optimizer,
-            collect(agent, runner, c.T, c.gamma),
-            c,
-            generator,
-            history,
-        )
-        history["steps"].append((k + 1) * c.n_envs * c.T)
+        rollout = collect(agent, runner, c.T, c.gamma)  # by the current policy
+        history["episodes"] += rollout.episode_returns
+        recent = history["episodes"][-window:]
+        if len(recent) == window and np.mean(recent) > best:  # keep the best weights
+            best, best_weights = np.mean(recent), copy.deepcopy(agent.state_dict())
+        parts = _ppo_update(agent, optimizer, rollout, c, generator)
+        history["steps"].append((k + 1) * c.n_envs * c.T)  # collected so far
+        returns = rollout.episode_returns  # of the episodes that ended in this rollout
+        history["return"].append(np.mean(returns) if returns else np.nan)
         for name, value in parts.items():
             history.setdefault(name, []).append(value)
-        recent = history["episodes"][-20:]
-        if target is not None and len(recent) == 20 and np.mean(recent) >= target:
-            break
+        if target is not None and best >= target:
+            break  # the weights kept above, before this update, are loaded below
+    agent.load_state_dict(best_weights)
     return history
 
 
-def _ppo_update(agent, optimizer, rollout, c, generator, history):
+def _ppo_update(agent, optimizer, rollout, c, generator):
     """One PPO update: advantages, then ``epochs`` passes of minibatch steps."""
     A, R = _gae(
         rollout.r, rollout.v, rollout.done.float(), rollout.last_v, c.gamma, c.lam
-    )
-    history["episodes"] += rollout.episode_returns
-    history["return"].append(
-        np.mean(rollout.episode_returns) if rollout.episode_returns else np.nan
     )
     s, a = rollout.s.flatten(0, 1), rollout.a.flatten()  # (T·N, obs_dim), (T·N,)
     old_lp, A, R = rollout.log_prob.flatten(), A.flatten(), R.flatten()
@@ -434,8 +450,9 @@ def train_reinforce(
     seed: int = 0,
 ) -> tuple[ActorCritic, dict[str, list[float]]]:
     """Train with REINFORCE and a learned baseline $V_\\phi$, on the same rollouts as
-    :func:`train_ppo`: one gradient step per rollout, on the discounted returns
-    (bootstrapped with $V_\\phi$ where the rollout cuts an episode)."""
+    :func:`train_ppo`: one gradient step per rollout, weighted by the discounted reward
+    to go inside the rollout, completed by $\\gamma V_\\phi(s_T)$ where the rollout
+    cuts an episode (GAE with $\\lambda = 1$)."""
     config = _check_training(make_env, total_steps, config)
     runner, agent, optimizer = _setup(make_env, config, seed)
     c = config
