@@ -311,6 +311,7 @@ MEASURED = {
     "scaling/zero_fsdp": r"^ms\d",  # milliseconds per step
     # the measured pipeline bubbles, and the cores and load they were measured under
     "scaling/model_parallel": r"^(cores|load|gpipe_\w+|ofob_\w+)$",
+    "graphs/graphsage": r"_ms$",  # milliseconds per epoch, full batch and mini-batches
 }
 
 
