@@ -59,7 +59,7 @@ endif
 	$(JB) build . --warningiserror --keep-going --builder html
 	# every page opened in Chromium: math typeset, figures loaded, no JavaScript error, nothing
 	# too wide at 1280 or 390 px (pages unchanged since they last passed are not reopened)
-	$(PY) -m pytest -q -rfE -m pages tests/platform/test_site.py
+	$(PY) -m pytest -q -rfEs -m pages tests/platform/test_site.py
 
 test: system $(READY)
 	$(PY) -m pytest -m "not slow and not pages" -n auto

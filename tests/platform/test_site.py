@@ -90,9 +90,8 @@ def passed():
             return lambda: None
         fingerprint = _fingerprint(name)
         if record.get(name) == fingerprint:
-            pytest.skip(
-                f"{name}: unchanged since it passed (remove {CHECKED} to recheck)"
-            )
+            # one reason for all, so that pytest sums them up in one line
+            pytest.skip(f"unchanged since it passed (remove {CHECKED} to recheck)")
 
         def done():
             record[name] = fingerprint
