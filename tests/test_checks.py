@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dlabc import checks
 from dlabc.checks import check_array, check_number, check_positive_int, check_tensor
 
 
@@ -160,3 +161,15 @@ def test_check_ids_range_on_the_cpu_names_the_argument():
         check_ids(torch.tensor([[-1, 4]]), "src ids", 5)
     with pytest.raises(ValueError, match=r"tokens must lie in 0\.\.4 .* from 0 to 5"):
         check_ids(torch.tensor([0, 5]), "tokens", 5)
+
+
+def test_check_edge_index_accepts_an_edge_list_and_names_what_is_wrong():
+    edges = torch.tensor([[0, 1, 2], [1, 2, 0]])
+    assert checks.check_edge_index(edges, 3) is edges
+    assert checks.check_edge_index(torch.zeros(2, 0, dtype=torch.int64), 0).numel() == 0
+    with pytest.raises(ValueError, match=r"shape \(2, E\), got \(3, 3\)"):
+        checks.check_edge_index(torch.zeros(3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="edge_index"):
+        checks.check_edge_index(edges.float(), 3)
+    with pytest.raises(ValueError, match=r"node ids in 0\.\.1, got values from 0 to 2"):
+        checks.check_edge_index(edges, 2)

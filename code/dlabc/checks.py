@@ -109,3 +109,21 @@ def check_ids(ids: torch.Tensor, name: str, vocab_size: int) -> None:
                 f"{name} must lie in 0..{vocab_size - 1} (vocab_size={vocab_size}), "
                 f"got values from {low} to {high}"
             )
+
+
+def check_edge_index(edge_index: object, num_nodes: int | None = None) -> torch.Tensor:
+    """Check a graph's edge list: an int64 tensor of shape ``(2, E)`` whose node ids
+    lie in ``0..num_nodes - 1`` (the range only on the CPU, as in :func:`check_ids`)."""
+    check_tensor(edge_index, "edge_index", ndim=2, dtype=torch.int64)
+    if edge_index.shape[0] != 2:
+        raise ValueError(
+            f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}"
+        )
+    if num_nodes is not None and edge_index.device.type == "cpu" and edge_index.numel():
+        low, high = int(edge_index.min()), int(edge_index.max())
+        if low < 0 or high >= num_nodes:
+            raise ValueError(
+                f"edge_index must hold node ids in 0..{num_nodes - 1}, "
+                f"got values from {low} to {high}"
+            )
+    return edge_index

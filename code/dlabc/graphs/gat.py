@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.checks import (
+    check_edge_index,
+    check_number,
+    check_positive_int,
+    check_tensor,
+)
 from dlabc.graphs.gcn import add_self_loops, scatter_sum
 
 __all__ = [
@@ -213,7 +218,7 @@ def neighbour_homophily(
     same-label neighbours. Self-loops are left out.
     """
     check_tensor(y, "y", ndim=1, dtype=torch.int64)
-    _check_edge_index(edge_index, y.shape[0])
+    check_edge_index(edge_index, y.shape[0])
     if weight is None:
         weight = torch.ones(edge_index.shape[1], device=edge_index.device)
     check_tensor(weight, "weight", ndim=1, floating=True)
@@ -268,21 +273,6 @@ def _check_layer(
     check_number(dropout, "dropout", low=0, high=1, high_open=True)
 
 
-def _check_edge_index(edge_index: object, num_nodes: int) -> None:
-    check_tensor(edge_index, "edge_index", ndim=2, dtype=torch.int64)
-    if edge_index.shape[0] != 2:
-        raise ValueError(
-            f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}"
-        )
-    if edge_index.device.type == "cpu" and edge_index.numel():
-        low, high = int(edge_index.min()), int(edge_index.max())
-        if low < 0 or high >= num_nodes:
-            raise ValueError(
-                f"edge_index must hold node ids in 0..{num_nodes - 1}, "
-                f"got values from {low} to {high}"
-            )
-
-
 def _check_input(x: object, edge_index: object) -> None:
     check_tensor(x, "x", ndim=2, floating=True)
-    _check_edge_index(edge_index, x.shape[0])
+    check_edge_index(edge_index, x.shape[0])

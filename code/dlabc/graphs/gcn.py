@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.checks import (
+    check_edge_index,
+    check_number,
+    check_positive_int,
+    check_tensor,
+)
 
 __all__ = [
     "scatter_sum",
@@ -88,7 +93,7 @@ def propagate(
 def add_self_loops(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
     """Append the edge ``i -> i`` for every node:
     ``(2, E)`` -> ``(2, E + num_nodes)``."""
-    _check_edge_index(edge_index, num_nodes)
+    check_edge_index(edge_index, num_nodes)
     loops = torch.arange(num_nodes, device=edge_index.device).expand(2, num_nodes)
     return torch.cat([edge_index, loops], dim=1)
 
@@ -140,7 +145,7 @@ def adjacency(
     r"""The graph as a sparse ``(num_nodes, num_nodes)`` COO tensor with
     $A_{ij} = w_{ji}$ for every edge $j \to i$, so that ``adjacency(...) @ x`` equals
     ``propagate(x, edge_index, edge_weight)``."""
-    _check_edge_index(edge_index, num_nodes)
+    check_edge_index(edge_index, num_nodes)
     if edge_weight is None:
         edge_weight = torch.ones(edge_index.shape[1], device=edge_index.device)
     check_tensor(edge_weight, "edge_weight", ndim=1, floating=True)
@@ -325,21 +330,6 @@ def dirichlet_energy(x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------
 
 
-def _check_edge_index(edge_index: object, num_nodes: int) -> None:
-    check_tensor(edge_index, "edge_index", ndim=2, dtype=torch.int64)
-    if edge_index.shape[0] != 2:
-        raise ValueError(
-            f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}"
-        )
-    if edge_index.device.type == "cpu" and edge_index.numel():
-        low, high = int(edge_index.min()), int(edge_index.max())
-        if low < 0 or high >= num_nodes:
-            raise ValueError(
-                f"edge_index must hold node ids in 0..{num_nodes - 1}, "
-                f"got values from {low} to {high}"
-            )
-
-
 def _check_scatter(src: object, index: object, num_nodes: object) -> None:
     check_tensor(src, "src", ndim=range(1, 9))
     check_tensor(index, "index", ndim=1, dtype=torch.int64)
@@ -360,7 +350,7 @@ def _check_scatter(src: object, index: object, num_nodes: object) -> None:
 
 def _check_graph(x: object, edge_index: object, edge_weight: object | None) -> None:
     check_tensor(x, "x", ndim=range(1, 9))
-    _check_edge_index(edge_index, x.shape[0])
+    check_edge_index(edge_index, x.shape[0])
     if edge_weight is not None:
         check_tensor(edge_weight, "edge_weight", ndim=1, floating=True)
         if edge_weight.shape[0] != edge_index.shape[1]:

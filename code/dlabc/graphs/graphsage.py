@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlabc.checks import check_number, check_positive_int, check_tensor
+from dlabc.checks import (
+    check_edge_index,
+    check_number,
+    check_positive_int,
+    check_tensor,
+)
 from dlabc.data import Graph
 from dlabc.graphs.gcn import degree, scatter_sum
 
@@ -394,22 +399,6 @@ def _check_blocks(blocks: object, num_layers: int) -> None:
         )
 
 
-def _check_edge_index(edge_index: object, num_nodes: int | None = None) -> Tensor:
-    check_tensor(edge_index, "edge_index", ndim=2, dtype=torch.long)
-    if edge_index.shape[0] != 2:
-        raise ValueError(
-            f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}"
-        )
-    if num_nodes is not None and edge_index.device.type == "cpu" and edge_index.numel():
-        low, high = int(edge_index.min()), int(edge_index.max())
-        if low < 0 or high >= num_nodes:
-            raise ValueError(
-                f"edge_index must hold node ids in 0..{num_nodes - 1}, "
-                f"got values from {low} to {high}"
-            )
-    return edge_index
-
-
 def _check_input(x: object, edge_index: object, num_targets: object) -> int:
     check_tensor(x, "x", ndim=2, floating=True)
     if num_targets is None:
@@ -420,7 +409,7 @@ def _check_input(x: object, edge_index: object, num_targets: object) -> int:
             f"num_targets ({num_targets}) must not exceed the number of input "
             f"nodes, len(x) = {len(x)}"
         )
-    _check_edge_index(edge_index, len(x))
+    check_edge_index(edge_index, len(x))
     if edge_index.device.type == "cpu" and edge_index.numel():
         if int(edge_index[1].max()) >= num_targets:
             raise ValueError(
@@ -432,7 +421,7 @@ def _check_input(x: object, edge_index: object, num_targets: object) -> int:
 
 def _check_sampler(edge_index: object, num_nodes: object, fanouts: object) -> None:
     check_positive_int(num_nodes, "num_nodes")
-    _check_edge_index(edge_index, num_nodes)
+    check_edge_index(edge_index, num_nodes)
     if not isinstance(fanouts, (list, tuple)) or not fanouts:
         raise TypeError(f"fanouts must be a non-empty list, got {fanouts!r}")
     for fanout in fanouts:
