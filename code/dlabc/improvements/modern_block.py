@@ -195,7 +195,10 @@ class BlockLM(DecoderLM):
     embeddings, positions only through RoPE inside the attention, a read-out without
     bias. A pre-norm stack ends in an un-normalized residual stream and gets a final
     norm ``norm``; a post-norm stack already ends in one and gets none. Its cache is
-    one :class:`LayerKVCache` per layer. Ids ``(B, T)`` -> logits ``(B, T, V)``.
+    one :class:`LayerKVCache` per layer. ``base`` is RoPE's base (LLaMA's 10,000;
+    larger in models trained on longer contexts); ``tie_embeddings`` makes the read-out
+    share the embedding matrix (``head.weight is embed.weight``), as in GPT-2 and the
+    small LLaMA-like models. Ids ``(B, T)`` -> logits ``(B, T, V)``.
     """
 
     def __init__(
@@ -210,12 +213,16 @@ class BlockLM(DecoderLM):
         norm: str = "rms",
         ffn: str = "swiglu",
         eps: float = 1e-6,
+        base: float = 10000.0,
+        tie_embeddings: bool = False,
     ) -> None:
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if not isinstance(tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be a bool, got {tie_embeddings!r}")
 
         def make_block(i: int) -> LlamaBlock:
             return LlamaBlock(
-                d_model, n_heads, n_kv_heads, d_ff, norm_first, norm, ffn, eps
+                d_model, n_heads, n_kv_heads, d_ff, norm_first, norm, ffn, eps, base
             )
 
         super().__init__(
@@ -228,6 +235,8 @@ class BlockLM(DecoderLM):
             head_bias=False,
             make_cache=LayerKVCache,
         )
+        if tie_embeddings:
+            self.head.weight = self.embed.weight  # one matrix, read in and read out
 
 
 # our names -> Hugging Face's LlamaForCausalLM names (LlamaDecoderLayer's in a layer)
