@@ -31,7 +31,7 @@ def _amount(n: float, digits: int) -> str:
 
 def _stated(n: float | None) -> str:
     if n is None:
-        return "not stated"
+        return "—"
     text = _amount(n, 1)
     return re.sub(r"\.?0+ ", " ", text)  # 110.00 M -> 110 M, 1.30 B -> 1.3 B
 
@@ -41,18 +41,16 @@ def table() -> str:
     from dlabc.language_models import published_sizes
 
     lines = [
-        "| Model | Kind | Layers | Width | Heads | Parameters, counted here "
-        "| Stated in the paper |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| Model | Layers | Width | Heads | Parameters, counted here | In the paper |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in published_sizes():
         layers = r["layers"]
         if r["family"] == "encoder-decoder":  # an encoder and a decoder of that depth
             layers = f"{layers} + {layers}"
         lines.append(
-            f"| {r['name']} | {r['family']} | {layers} | {r['width']:,} | {r['heads']} "
-            f"| {_amount(r['parameters'], 1)} | {_stated(r['stated'])} "
-            f"{{cite:p}}`{r['source']}` |"
+            f"| {r['name']} {{cite:p}}`{r['source']}` | {layers} | {r['width']:,} "
+            f"| {r['heads']} | {_amount(r['parameters'], 1)} | {_stated(r['stated'])} |"
         )
     return "\n".join(lines)
 
