@@ -44,6 +44,7 @@ from dlabc.language_models.bert import (
     pretraining_loss,
     sentence_embeddings,
 )
+from helpers_weights import randomize
 from transformers import BertConfig as HFBertConfig
 from transformers import BertForPreTraining as HFBertForPreTraining
 from transformers import BertModel as HFBertModel
@@ -80,12 +81,7 @@ def _configs(vocab=37, hidden=16, layers=2, heads=4, inter=24, positions=12, typ
     return ours, hf
 
 
-def _randomize(module):
-    """Random weights everywhere, the norms' scales too (they start at 1)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_((p.dim() == 1) + 0.3 * torch.randn_like(p))
-    return module
+_randomize = randomize
 
 
 def _batch(config, batch=3, length=9):

@@ -52,6 +52,7 @@ from dlabc.language_models.fine_tuning import (
     split_by_group,
 )
 from dlabc.language_models.tokenization import WordPiece
+from helpers_weights import randomize
 
 transformers.logging.set_verbosity_error()
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -82,10 +83,7 @@ def _tiny(layers=2):
 
 
 def _randomize(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_((p.dim() == 1) + 0.3 * torch.randn_like(p))
-    return module.double().eval()
+    return randomize(module).double().eval()
 
 
 def _without_pooler(state_dict):

@@ -39,6 +39,7 @@ from dlabc.language_models.transformer_xl import (
     relative_sinusoids,
     stream_segments,
 )
+from helpers_weights import randomize
 from transformers import XLNetConfig, XLNetLMHeadModel
 
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -61,11 +62,7 @@ def float64_hf(monkeypatch):
     )
 
 
-def _randomize(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_((p.dim() == 1) + 0.3 * torch.randn_like(p))
-    return model
+_randomize = randomize
 
 
 def _pair(attn_type, activation, mem_len, d_model=24, n_heads=3, n_layers=2):
