@@ -1108,3 +1108,67 @@ def test_load_twitter_ner_reads_bio_tagged_tweets():
     kinds = {t[2:] for _, tags in tweets for t in tags if t != "O"}
     assert len(kinds) == 10
     assert all(len(a) == len(b) for a, b in tweets)
+
+
+def test_wiki_to_text_reduces_the_markup_to_what_a_reader_sees():
+    wikitext = (
+        "{{Infobox|name={{nowrap|x}}}}'''Albedo''' (from ''albus'') is a ratio."
+        "<ref name=a>{{cite|y}}</ref><ref name=b/> See [[Lambert (unit)|Lambert]], "
+        "[[light]] and [http://nasa.gov NASA].<!-- note -->\n"
+        "== History ==\n"
+        "[[File:Snow.jpg|thumb|Fresh [[snow]] [above] is bright]]"
+        "* Snow&nbsp;reflects &amp; <sub>most</sub> light.\n\n\n\n"
+        "{| class=wikitable\n|-\n| a || b\n|}\n"
+        "<math>a^2</math>[[Category:Optics]][[fr:Albédo]]Done (  )."
+    )
+    assert dlabc.data.wiki_to_text(wikitext) == (
+        "Albedo (from albus) is a ratio. See Lambert, light and NASA.\n"
+        "History\n"
+        "Snow reflects & most light.\n\n"
+        "Done."
+    )
+
+
+def test_wiki_to_text_rejects_what_is_not_text():
+    with pytest.raises(TypeError, match="wikitext must be a str"):
+        dlabc.data.wiki_to_text(b"'''bytes'''")
+
+
+def test_load_wikipedia_reads_the_articles_of_a_dump(monkeypatch, tmp_path):
+    import bz2
+
+    xml = (
+        '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
+        "<page><title>Alpha</title><ns>0</ns><revision>"
+        "<text>'''Alpha''' is a [[letter]].</text></revision></page>"
+        '<page><title>Beta</title><ns>0</ns><redirect title="B" /><revision>'
+        "<text>#REDIRECT [[B]]</text></revision></page>"
+        "<page><title>Wikipedia:Gamma</title><ns>4</ns><revision>"
+        "<text>a project page</text></revision></page>"
+        "<page><title>Delta</title><ns>0</ns><revision>"
+        "<text>== Uses ==\n{{x}}Delta &amp;c.</text></revision></page>"
+        "</mediawiki>"
+    )
+    path = tmp_path / "wiki.xml.bz2"
+    path.write_bytes(bz2.compress(xml.encode()))
+    monkeypatch.setattr(dlabc.data, "_package_file", lambda module, name: path)
+    dlabc.data._wikipedia.cache_clear()
+    try:
+        assert dlabc.data.load_wikipedia() == [
+            ("Alpha", "Alpha is a letter."),
+            ("Delta", "Uses\nDelta &c."),
+        ]
+    finally:
+        dlabc.data._wikipedia.cache_clear()
+
+
+def test_load_wikipedia_is_the_106_articles_of_gensims_dump():
+    articles = dlabc.data.load_wikipedia()
+    titles = [title for title, _ in articles]
+    assert len(articles) == 106 and len(set(titles)) == 106
+    assert titles[:3] == ["Anarchism", "Autism", "Albedo"]
+    text = dict(articles)["Apollo 11"]
+    assert text.startswith("Apollo 11 was the first spaceflight that landed humans on")
+    assert "Neil Armstrong and Buzz Aldrin landed on July 20, 1969" in text
+    assert not any(s in t for _, t in articles for s in ("{{", "[[", "]]", "'''"))
+    assert dlabc.data.load_wikipedia() is not articles  # a new list, the same pairs

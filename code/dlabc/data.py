@@ -12,6 +12,7 @@ download path replace the network."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -35,6 +36,8 @@ __all__ = [
     "load_rotten_tomatoes",
     "load_smollm2",
     "load_twitter_ner",
+    "load_wikipedia",
+    "wiki_to_text",
     "read_gguf",
     "load_karate_club",
     "make_csbm",
@@ -913,3 +916,95 @@ def load_twitter_ner() -> list[tuple[list[str], list[str]]]:
             tweets.append((tokens, tags))
             tokens, tags = [], []
     return tweets
+
+
+def load_wikipedia() -> list[tuple[str, str]]:
+    """106 real English Wikipedia articles, as ``(title, plain text)`` pairs.
+
+    The articles of a 2016 English Wikipedia dump ("Anarchism", "Autism", "Albedo",
+    ..., "Algorithm"), as the test data of ``gensim`` ships them
+    (``test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-
+    shortened.bz2``, each article's latest revision): redirects and pages outside the
+    main namespace are left out, and the wiki markup is reduced to plain text by
+    :func:`wiki_to_text`. Parsed once per process (a few seconds); every call returns
+    a new list of the same pairs.
+    """
+    return list(_wikipedia())
+
+
+@functools.lru_cache(maxsize=1)
+def _wikipedia() -> tuple[tuple[str, str], ...]:
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    path = _package_file(
+        "gensim",
+        "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302"
+        "-shortened.bz2",
+    )
+    articles = []
+    with bz2.open(path) as f:
+        for _, element in ET.iterparse(f):
+            if element.tag.rsplit("}", 1)[-1] != "page":
+                continue
+            fields = {e.tag.rsplit("}", 1)[-1]: e for e in element.iter()}
+            if fields["ns"].text == "0" and "redirect" not in fields:
+                text = fields["text"].text or ""
+                articles.append((fields["title"].text, wiki_to_text(text)))
+            element.clear()  # keep memory flat
+    return tuple(articles)
+
+
+def wiki_to_text(wikitext: str) -> str:
+    """Plain text from MediaWiki markup: what a reader of the article sees in its
+    paragraphs, roughly.
+
+    Removes comments, ``<ref>`` notes, templates ``{{...}}`` (nested), tables
+    ``{|...|}``, ``<math>`` and ``<gallery>`` blocks, file, image and category links,
+    interlanguage links and every other tag (keeping its content); keeps the text of
+    links (``[[a|b]]`` → ``b``, ``[[a]]`` → ``a``, ``[http://x label]`` → ``label``)
+    and of headings (``== History ==`` → ``History``); drops bold and italic quotes,
+    list markers and the empty parentheses a removed template leaves, decodes HTML
+    entities, and joins runs of blank lines.
+    """
+    import html
+    import re
+
+    if not isinstance(wikitext, str):
+        raise TypeError(f"wikitext must be a str, got {type(wikitext).__name__}")
+    text = re.sub(r"<!--.*?-->", "", wikitext, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>", "", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = re.sub(r"<(math|gallery|timeline|score)[^>]*>.*?</\1>", "", text, flags=re.S)
+
+    def innermost(pattern: str, replace, text: str) -> str:  # nested: inside out
+        while True:
+            new = re.sub(pattern, replace, text, flags=re.S)
+            if new == text:
+                return new
+            text = new
+
+    text = innermost(r"\{\{(?:(?!\{\{|\}\}).)*\}\}", "", text)  # templates
+    text = innermost(r"\{\|(?:(?!\{\||\|\}).)*\|\}", "", text)  # tables
+
+    def link(match: re.Match) -> str:
+        target, *label = match.group(1).split("|")
+        prefix = target.split(":", 1)[0].strip().lower() if ":" in target else ""
+        if prefix in ("file", "image", "category", "media") or (
+            prefix and len(prefix) <= 3 and prefix.isalpha()  # [[fr:...]]
+        ):
+            return ""
+        return label[-1] if label else target
+
+    text = innermost(r"\[\[((?:(?!\[\[|\]\]).)*)\]\]", link, text)
+    text = re.sub(r"\[(?:https?:)?//[^\s\]]+ ?([^\]]*)\]", r"\1", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"^(=+)\s*(.*?)\s*\1\s*$", r"\2", text, flags=re.M)
+    text = re.sub(r"</?[a-zA-Z][^>]*>", "", text)  # other tags: keep the content
+    text = re.sub(r"__[A-Z]+__", "", text)  # __TOC__, __NOTOC__
+    text = re.sub(r"^[*#:;]+\s*", "", text, flags=re.M)  # list markers
+    text = html.unescape(text).replace("\xa0", " ")
+    text = re.sub(r" ?\(\s*[,;]?\s*\)", "", text)  # what a removed template leaves
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
