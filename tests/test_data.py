@@ -1198,7 +1198,7 @@ def test_load_digit_boxes_boxes_are_tight_around_the_ink_and_disjoint():
 def test_load_digit_boxes_labels_are_the_digits_drawn():
     # the pool is the MNIST subset's digits: each box's class is its digit's label
     X, y = dlabc.data.load_mnist_subset()
-    train, test = (dlabc.data._digit_pool(s) for s in ("train", "test"))
+    train, test = (dlabc.data.load_digit_pool(s) for s in ("train", "test"))
     assert len(train[0]) == 4000 and len(test[0]) == 1000
     assert np.bincount(np.concatenate([train[1], test[1]])).tolist() == [500] * 10
     # the two pools share no image
@@ -1212,6 +1212,11 @@ def test_load_digit_boxes_is_reproducible_and_the_splits_differ():
     c = dlabc.data.load_digit_boxes(5, seed=3, split="test")
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
     assert all(np.array_equal(u, v) for u, v in zip(a[1], b[1], strict=True))
+
+
+def test_load_digit_pool_rejects_unknown_splits():
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        dlabc.data.load_digit_pool("val")
 
 
 @pytest.mark.parametrize(

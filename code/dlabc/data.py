@@ -43,6 +43,7 @@ __all__ = [
     "make_csbm",
     "load_digits",
     "load_digit_boxes",
+    "load_digit_pool",
     "load_efficientnet_lite0",
     "load_imagenet_classes",
     "load_fashion_mnist",
@@ -471,6 +472,20 @@ def load_digit_boxes(
         all_boxes.append(np.array(boxes, dtype=np.float32))
         all_labels.append(np.array(labels, dtype=np.int64))
     return images, all_boxes, all_labels
+
+
+def load_digit_pool(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The real MNIST digits that :func:`load_digit_boxes` draws its canvases from.
+
+    ``split="train"``: 4,000 of the 5,000 digits of :func:`load_mnist_subset`;
+    ``"test"``: the other 1,000 (a fixed shuffle, so the two never share a digit).
+    Returns copies of ``X`` ``(N, 28, 28)`` float32 in [0, 1] and ``y`` ``(N,)`` int64:
+    a detector's backbone can be pre-trained on the training canvases' own digits.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    X, y = _digit_pool(split)
+    return X.copy(), y.copy()
 
 
 @functools.lru_cache(maxsize=2)
