@@ -315,6 +315,9 @@ MEASURED = {
     # the measured pipeline bubbles, and the cores and load they were measured under
     "scaling/model_parallel": r"^(cores|load|gpipe_\w+|ofob_\w+)$",
     "graphs/graphsage": r"_ms$",  # milliseconds per epoch, full batch and mini-batches
+    "vision/vit": r"^s_",  # each model's training seconds
+    "vision/segformer": r"^s_",  # each model's training seconds
+    "vision/yolo": r"_ms$|_train$",  # inference milliseconds, training seconds
 }
 
 
