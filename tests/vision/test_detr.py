@@ -448,13 +448,19 @@ def test_detect_equals_hf_post_processing():
     assert all(len(s) == 6 for _, s, _ in everything)  # every query by default
 
 
-def test_train_detr_is_reproducible_and_returns_an_eval_model():
+def _tiny_training_set():
+    """Eight random images with one box each, and the sizes of a tiny DETR."""
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(8, 1, 32, 32, generator=gen)
     boxes = [np.array([[2.0, 3.0, 12.0, 20.0]], dtype=np.float32)] * 8
     labels = [np.array([i % 3]) for i in range(8)]
     sizes = dict(stem_width=4, widths=(8,), depths=(1,), d_model=8, n_heads=2, d_ff=8)
     sizes |= dict(encoder_layers=1, decoder_layers=1, num_queries=3)
+    return images, boxes, labels, sizes
+
+
+def test_train_detr_is_reproducible_and_returns_an_eval_model():
+    images, boxes, labels, sizes = _tiny_training_set()
     a = train_detr(images, boxes, labels, steps=3, seed=1, batch_size=4, **sizes)
     b = train_detr(images, boxes, labels, steps=3, seed=1, batch_size=4, **sizes)
     assert not a.training and len(a.losses) == 3 and a.config.num_queries == 3
@@ -492,12 +498,7 @@ def test_pretrain_backbone_places_digits_as_the_canvases_do():
 
 
 def test_train_detr_keeps_a_pretrained_backbone_frozen():
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(8, 1, 32, 32, generator=gen)
-    boxes = [np.array([[2.0, 3.0, 12.0, 20.0]], dtype=np.float32)] * 8
-    labels = [np.array([i % 3]) for i in range(8)]
-    sizes = dict(stem_width=4, widths=(8,), depths=(1,), d_model=8, n_heads=2, d_ff=8)
-    sizes |= dict(encoder_layers=1, decoder_layers=1, num_queries=3)
+    images, boxes, labels, sizes = _tiny_training_set()
     backbone = Backbone(1, 4, (8,), (1,)).eval()
     with torch.no_grad():
         for name, buffer in backbone.named_buffers():  # batch norms that do something

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlabc import train
 from dlabc.checks import check_number, check_positive_int, check_tensor
 from dlabc.cnn.resnet import BasicBlock, ConvBN
 from dlabc.transformers.attention_with_pytorch import MultiHeadAttention
@@ -850,22 +851,24 @@ def pretrain_backbone(
     c = DETRConfig(**sizes)
     backbone = Backbone(c.in_channels, c.stem_width, c.widths, c.depths)
     classifier = nn.Linear(backbone.out_channels, int(classes.max()) + 1)
-    optimizer = torch.optim.Adam(
-        [*backbone.parameters(), *classifier.parameters()], lr=lr
-    )
+    model = nn.ModuleDict({"backbone": backbone, "classifier": classifier})
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    backbone.train()
+
+    def batches():  # digits scaled and placed as on the canvases, and their classes
+        while True:
+            batch = torch.randint(len(digits), (batch_size,), generator=generator)
+            x = _paste_at_one_scale(digits[batch, None].float(), size, generator)
+            yield x, classes[batch]
+
+    def loss_fn(model: nn.ModuleDict, batch: tuple) -> torch.Tensor:
+        x, y = batch
+        logits = model["classifier"](model["backbone"](x).mean((2, 3)))  # (B, classes)
+        backbone.accuracies.append((logits.argmax(1) == y).float().mean().item())
+        return F.cross_entropy(logits, y)
+
     backbone.accuracies = []
-    for _ in range(steps):
-        batch = torch.randint(len(digits), (batch_size,), generator=generator)
-        x = _paste_at_one_scale(digits[batch, None].float(), size, generator)
-        logits = classifier(backbone(x).mean((2, 3)))  # (B, classes)
-        loss = F.cross_entropy(logits, classes[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        hits = (logits.argmax(1) == classes[batch]).float().mean()
-        backbone.accuracies.append(hits.item())
+    train.train_steps(model, optimizer, batches(), loss_fn, steps=steps)
     return backbone.eval()
 
 
@@ -919,30 +922,35 @@ def train_detr(
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=1e-4)
     decay = schedule == "cosine"
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)) if decay else 1
-    )
     generator = torch.Generator().manual_seed(seed)
-    model.train()
-    model.backbone.train(backbone is None)
-    model.losses = []
-    for _ in range(steps):
-        batch = torch.randint(len(images), (batch_size,), generator=generator)
+    batches = (
+        torch.randint(len(images), (batch_size,), generator=generator)
+        for _ in range(steps)
+    )
+
+    def loss_fn(model: DETR, batch: torch.Tensor) -> torch.Tensor:
         if features is None:
             logits, predicted = model._forward(images[batch], every_layer=True)
         else:
             logits, predicted = model._from_features(features[batch], every_layer=True)
         batch_targets = [targets[i] for i in batch.tolist()]
-        loss = sum(  # the set loss after every decoder layer (auxiliary losses)
+        return sum(  # the set loss after every decoder layer (auxiliary losses)
             set_loss(logits[k], predicted[k], batch_targets)[0]
             for k in range(len(logits))
         )
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(trained, 0.1)
-        optimizer.step()
-        scheduler.step()
-        model.losses.append(loss.item())
+
+    history = train.train_steps(
+        model,
+        optimizer,
+        batches,
+        loss_fn,
+        steps=steps,
+        lr_schedule=lambda s: (
+            lr * 0.5 * (1 + math.cos(math.pi * s / steps)) if decay else lr
+        ),
+        clip_norm=0.1,
+    )
+    model.losses = history.step_loss
     return model.eval()
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlabc import train
 from dlabc.checks import check_number, check_positive_int, check_tensor
 
 __all__ = [
@@ -499,22 +500,25 @@ def _fit(model, images, poses, focal, near, far, steps, N, batch_size, lr, seed)
     directions = torch.stack([d for _, d in rays]).reshape(-1, 3)
     target = images.reshape(-1, 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.1 ** (step / steps)
-    )  # exponential decay to a tenth, as NeRF's schedule
     generator = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(len(target), (batch_size,), generator=generator)
-        batch = batch.to(images.device)
+    batches = (
+        torch.randint(len(target), (batch_size,), generator=generator).to(images.device)
+        for _ in range(steps)
+    )
+
+    def loss_fn(model: NeRF, batch: torch.Tensor) -> torch.Tensor:
         colour, _, _ = render_rays(
             model, origins[batch], directions[batch], near, far, N, generator=generator
         )
-        loss = F.mse_loss(colour, target[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        return F.mse_loss(colour, target[batch])
+
+    history = train.train_steps(
+        model,
+        optimizer,
+        batches,
+        loss_fn,
+        steps=steps,
+        lr_schedule=lambda step: lr * 0.1 ** (step / steps),  # NeRF's decay to a tenth
+    )
+    losses = history.step_loss
     return model.eval(), losses
