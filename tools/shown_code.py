@@ -35,13 +35,24 @@ def shown_objects(path: Path) -> list[object]:
             )
         )
         for node in tree.body:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
+            # only our own modules: shown objects come from dlabc, and importing other
+            # packages here (some import lazily) from the threads of the notebook tests
+            # can race: diffusers' lazy module once answered "cannot import name"
+            if _imports_dlabc(node):
                 exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
     objects = []
     for source in cells:
         for expression in _SHOWN.findall(source):
             objects.append(eval(expression, namespace))  # noqa: S307 - our own chapters
     return objects
+
+
+def _imports_dlabc(node: ast.stmt) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return (node.module or "").split(".")[0] == "dlabc"
+    if isinstance(node, ast.Import):
+        return all(alias.name.split(".")[0] == "dlabc" for alias in node.names)
+    return False
 
 
 def _is_check_call(node: ast.AST) -> bool:

@@ -115,7 +115,11 @@ def measure(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Train ``entrant`` from scratch at ``factor`` times the budget, draw ``n`` digits,
     and measure them: returns the table's row and the samples."""
-    if not isinstance(entrant, Entrant):
+    # by its fields, not isinstance: a Colab notebook may redefine Entrant after
+    # ENTRANTS were made (its editable cell of the class)
+    if not all(
+        hasattr(entrant, f) for f in ("generate", "steps", "options", "bits_per_dim")
+    ):
         raise TypeError(f"entrant must be an Entrant, got {type(entrant).__name__}")
     if not isinstance(yardstick, Yardstick):
         raise TypeError(
