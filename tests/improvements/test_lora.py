@@ -135,6 +135,12 @@ def test_b_starts_at_zero_so_the_layer_is_the_base():
     assert layer.lora_A.dtype == torch.float64  # A and B follow the base's dtype
 
 
+def test_the_wrapper_reports_the_base_widths():
+    # code written for nn.Linear (the book's blocks) reads in_features / out_features
+    layer = LoRALinear(nn.Linear(10, 6), 3, 6)
+    assert (layer.in_features, layer.out_features) == (10, 6)
+
+
 def test_a_is_initialised_like_nn_linear():
     # Kaiming uniform with a = sqrt(5): U(-1/sqrt(k), 1/sqrt(k)), as peft and nn.Linear
     torch.manual_seed(0)

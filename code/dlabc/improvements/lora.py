@@ -92,6 +92,16 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
+    @property
+    def in_features(self) -> int:
+        """The wrapped layer's ``k`` (code written for ``nn.Linear`` reads it)."""
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        """The wrapped layer's ``d``."""
+        return self.base.out_features
+
     def delta_weight(self) -> torch.Tensor:
         r"""The update $\Delta W = s\, B A$, of shape ``(out, in)`` and rank $\le r$."""
         return self.scaling * (self.lora_B @ self.lora_A)  # (d, r) @ (r, k) -> (d, k)
